@@ -1,0 +1,104 @@
+r"""Comp-sum losses: cross-entropy, generalized cross-entropy, MAE and the sum-exponential loss.
+
+Paper P13 — *Cross-Entropy Loss Functions: Theoretical Analysis and Applications*
+(Mao, Mohri, Zhong, ICML 2023).
+
+For logits :math:`z \in \mathbb{R}^C`, label :math:`y` and :math:`p = \operatorname{softmax}(z)`,
+
+.. math::
+
+    u = \sum_{k \ne y} e^{z_k - z_y} = \frac{1}{p_y} - 1, \qquad
+    \ell_\tau(z, y) = \Phi^\tau(u) =
+    \begin{cases}
+      \log(1 + u) = -\log p_y & \tau = 1 \\[2pt]
+      \dfrac{(1 + u)^{1-\tau} - 1}{1 - \tau} = \dfrac{1 - p_y^{\tau - 1}}{\tau - 1} & \tau \ne 1
+    \end{cases}
+
+with gradient :math:`\partial \ell_\tau / \partial z_k = p_y^{\tau-1}\,(p_k - \delta_{ky})` for every
+:math:`\tau`. Special cases: :math:`\tau = 0` sum-exponential loss :math:`1/p_y - 1`;
+:math:`\tau = 1` cross-entropy; :math:`\tau \in (1, 2)` generalized cross-entropy with
+:math:`q = \tau - 1`; :math:`\tau = 2` mean absolute error :math:`1 - p_y`.
+
+Semantics
+---------
+- ``logits``: (N, C) real, C >= 1. ``target``: (N,) integers in [0, C) or ``ignore_index``.
+- ``tau`` >= 0 (finite). For :math:`\tau \ne 1` the loss is computed as
+  :math:`-\operatorname{expm1}((\tau-1)\log p_y)/(\tau-1)`, which is exact near :math:`\tau = 1`.
+  For :math:`\tau < 1` the loss grows like :math:`p_y^{\tau-1}` and overflows to ``inf`` when
+  :math:`p_y` underflows; that is the mathematical value, not an error.
+- ``weight``: optional (C,) non-negative class weights; row *i* is weighted by ``weight[target[i]]``
+  as in ``torch.nn.functional.cross_entropy``. Class weights receive no gradient.
+- Rows whose target equals ``ignore_index`` contribute loss 0 and gradient exactly 0 (even when
+  their logits are NaN) and weight 0.
+- ``reduction``: ``"none"`` gives the (N,) weighted per-row losses; ``"sum"`` their sum;
+  ``"mean"`` (default) the sum divided by the total weight of non-ignored rows — NaN when every
+  row is ignored (0/0), matching PyTorch.
+- NaN anywhere in a non-ignored row gives NaN for that row. A row containing ``+inf`` gives NaN;
+  ``-inf`` entries are probability-zero classes (a ``-inf`` target logit gives an infinite loss
+  for :math:`\tau \le 1`). An all ``-inf`` row is NaN.
+- Out-of-range labels raise ``ValueError`` (accelerated kernels, which cannot raise without a
+  device synchronisation, return NaN for that row instead).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._checks import (
+    as_class_weight,
+    as_float_matrix,
+    as_labels,
+    check_int,
+    check_real,
+    check_reduction,
+    reduce_rows,
+    reduce_rows_grad,
+)
+
+__all__ = ["comp_sum_loss", "comp_sum_loss_grad"]
+
+
+def _prepare(logits, target, tau, weight, ignore_index, reduction):
+    z = as_float_matrix(logits, "logits")
+    n, c = z.shape
+    ignore_index = check_int(ignore_index, "ignore_index")
+    y = as_labels(target, "target", n, c, ignore_index)
+    w = as_class_weight(weight, "weight", c)
+    tau = check_real(tau, "tau", low=0.0)
+    check_reduction(reduction)
+    active = y != ignore_index
+    y_safe = np.where(active, y, 0)
+    row_weight = np.where(active, 1.0 if w is None else w[y_safe], 0.0)
+    return z, y_safe, active, row_weight, tau
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    m = z.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+
+
+def comp_sum_loss(logits, target, *, tau=1.0, weight=None, ignore_index=-100, reduction="mean"):
+    """Comp-sum loss :math:`\\Phi^\\tau` of P13 (CE at ``tau=1``, GCE, MAE at ``tau=2``, exp at ``tau=0``)."""
+    z, y, active, row_weight, tau = _prepare(logits, target, tau, weight, ignore_index, reduction)
+    rows = np.arange(z.shape[0])
+    log_py = np.where(active, _log_softmax(np.where(active[:, None], z, 0.0))[rows, y], 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if tau == 1.0:
+            loss = -log_py
+        else:
+            loss = -np.expm1((tau - 1.0) * log_py) / (tau - 1.0)
+    return reduce_rows(np.where(active, row_weight * loss, 0.0), row_weight, reduction)
+
+
+def comp_sum_loss_grad(grad, logits, target, *, tau=1.0, weight=None, ignore_index=-100, reduction="mean"):
+    """Vector-Jacobian product: ``grad`` (shaped like the loss) times d loss / d logits, an (N, C) array."""
+    z, y, active, row_weight, tau = _prepare(logits, target, tau, weight, ignore_index, reduction)
+    row_grad = reduce_rows_grad(grad, row_weight, reduction)
+    n, c = z.shape
+    log_p = _log_softmax(np.where(active[:, None], z, 0.0))
+    log_py = log_p[np.arange(n), y]
+    with np.errstate(over="ignore", invalid="ignore"):
+        factor = np.where(active, row_grad * row_weight * np.exp((tau - 1.0) * log_py), 0.0)
+        onehot = np.eye(c)[y]
+        return np.where(active[:, None], factor[:, None] * (np.exp(log_p) - onehot), 0.0)
