@@ -122,6 +122,8 @@ class Spec:
     bench_cases: Sequence[BenchCase] = ()
     bytes_moved: Callable[[dict, int, str], float] | None = None  # (arrays, itemsize, direction)
     flops: Callable[[dict, str], float] | None = None
+    fd_function: Callable[[dict, dict], Callable] | None = None  # what finite differences differentiate, if not the output
+    output_dtypes: Sequence[str] = ("input",)  # per output: "input" (the float input dtype) or a dtype name
     grad_output_index: int | None = None  # which output of a tuple is differentiated (None: single output)
     properties: Sequence[str] = ()  # exact properties beyond shape/dtype/NaN positions, for the docs
 

@@ -42,7 +42,7 @@ def as_labels(target, name: str, n: int, num_classes: int, ignore_index: int) ->
 
 
 def as_class_weight(weight, name: str, num_classes: int) -> np.ndarray | None:
-    """Optional per-class weight as a float64 (C,) array of finite, non-negative values."""
+    """Optional per-class weight as a float64 (C,) array (any real values, as in PyTorch)."""
     if weight is None:
         return None
     arr = np.asarray(weight)
@@ -50,10 +50,7 @@ def as_class_weight(weight, name: str, num_classes: int) -> np.ndarray | None:
         raise TypeError(f"{name} must be a real floating-point array, got dtype {arr.dtype}")
     if arr.shape != (num_classes,):
         raise ValueError(f"{name} must have shape ({num_classes},), one entry per class, got {arr.shape}")
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ValueError(f"{name} must be finite and non-negative")
-    return arr
+    return arr.astype(np.float64)
 
 
 def check_reduction(reduction) -> str:

@@ -3,30 +3,30 @@ r"""Comp-sum losses: cross-entropy, generalized cross-entropy, MAE and the sum-e
 Paper P13 — *Cross-Entropy Loss Functions: Theoretical Analysis and Applications*
 (Mao, Mohri, Zhong, ICML 2023).
 
-For logits :math:`z \in \mathbb{R}^C`, label :math:`y` and :math:`p = \operatorname{softmax}(z)`,
+For logits $z \in \mathbb{R}^C$, label $y$ and $p = \operatorname{softmax}(z)$,
 
-.. math::
+$$
+u = \sum_{k \ne y} e^{z_k - z_y} = \frac{1}{p_y} - 1, \qquad
+\ell_\tau(z, y) = \Phi^\tau(u) =
+\begin{cases}
+  \log(1 + u) = -\log p_y & \tau = 1 \\[2pt]
+  \dfrac{(1 + u)^{1-\tau} - 1}{1 - \tau} = \dfrac{1 - p_y^{\tau - 1}}{\tau - 1} & \tau \ne 1
+\end{cases}
+$$
 
-    u = \sum_{k \ne y} e^{z_k - z_y} = \frac{1}{p_y} - 1, \qquad
-    \ell_\tau(z, y) = \Phi^\tau(u) =
-    \begin{cases}
-      \log(1 + u) = -\log p_y & \tau = 1 \\[2pt]
-      \dfrac{(1 + u)^{1-\tau} - 1}{1 - \tau} = \dfrac{1 - p_y^{\tau - 1}}{\tau - 1} & \tau \ne 1
-    \end{cases}
-
-with gradient :math:`\partial \ell_\tau / \partial z_k = p_y^{\tau-1}\,(p_k - \delta_{ky})` for every
-:math:`\tau`. Special cases: :math:`\tau = 0` sum-exponential loss :math:`1/p_y - 1`;
-:math:`\tau = 1` cross-entropy; :math:`\tau \in (1, 2)` generalized cross-entropy with
-:math:`q = \tau - 1`; :math:`\tau = 2` mean absolute error :math:`1 - p_y`.
+with gradient $\partial \ell_\tau / \partial z_k = p_y^{\tau-1}\,(p_k - \delta_{ky})$ for every
+$\tau$. Special cases: $\tau = 0$ sum-exponential loss $1/p_y - 1$;
+$\tau = 1$ cross-entropy; $\tau \in (1, 2)$ generalized cross-entropy with
+$q = \tau - 1$; $\tau = 2$ mean absolute error $1 - p_y$.
 
 Semantics
 ---------
 - ``logits``: (N, C) real, C >= 1. ``target``: (N,) integers in [0, C) or ``ignore_index``.
-- ``tau`` >= 0 (finite). For :math:`\tau \ne 1` the loss is computed as
-  :math:`-\operatorname{expm1}((\tau-1)\log p_y)/(\tau-1)`, which is exact near :math:`\tau = 1`.
-  For :math:`\tau < 1` the loss grows like :math:`p_y^{\tau-1}` and overflows to ``inf`` when
-  :math:`p_y` underflows; that is the mathematical value, not an error.
-- ``weight``: optional (C,) non-negative class weights; row *i* is weighted by ``weight[target[i]]``
+- ``tau`` >= 0 (finite). For $\tau \ne 1$ the loss is computed as
+  $-\operatorname{expm1}((\tau-1)\log p_y)/(\tau-1)$, which is exact near $\tau = 1$.
+  For $\tau < 1$ the loss grows like $p_y^{\tau-1}$ and overflows to ``inf`` when
+  $p_y$ underflows; that is the mathematical value, not an error.
+- ``weight``: optional (C,) class weights; row *i* is weighted by ``weight[target[i]]``
   as in ``torch.nn.functional.cross_entropy``. Class weights receive no gradient.
 - Rows whose target equals ``ignore_index`` contribute loss 0 and gradient exactly 0 (even when
   their logits are NaN) and weight 0.
@@ -35,7 +35,7 @@ Semantics
   row is ignored (0/0), matching PyTorch.
 - NaN anywhere in a non-ignored row gives NaN for that row. A row containing ``+inf`` gives NaN;
   ``-inf`` entries are probability-zero classes (a ``-inf`` target logit gives an infinite loss
-  for :math:`\tau \le 1`). An all ``-inf`` row is NaN.
+  for $\tau \le 1$). An all ``-inf`` row is NaN.
 - Out-of-range labels raise ``ValueError`` (accelerated kernels, which cannot raise without a
   device synchronisation, return NaN for that row instead).
 """
@@ -79,7 +79,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def comp_sum_loss(logits, target, *, tau=1.0, weight=None, ignore_index=-100, reduction="mean"):
-    """Comp-sum loss :math:`\\Phi^\\tau` of P13 (CE at ``tau=1``, GCE, MAE at ``tau=2``, exp at ``tau=0``)."""
+    """Comp-sum loss $\\Phi^\\tau$ of P13 (CE at ``tau=1``, GCE, MAE at ``tau=2``, exp at ``tau=0``)."""
     z, y, active, row_weight, tau = _prepare(logits, target, tau, weight, ignore_index, reduction)
     rows = np.arange(z.shape[0])
     log_py = np.where(active, _log_softmax(np.where(active[:, None], z, 0.0))[rows, y], 0.0)
@@ -99,6 +99,7 @@ def comp_sum_loss_grad(grad, logits, target, *, tau=1.0, weight=None, ignore_ind
     log_p = _log_softmax(np.where(active[:, None], z, 0.0))
     log_py = log_p[np.arange(n), y]
     with np.errstate(over="ignore", invalid="ignore"):
-        factor = np.where(active, row_grad * row_weight * np.exp((tau - 1.0) * log_py), 0.0)
+        power = 1.0 if tau == 1.0 else np.exp((tau - 1.0) * log_py)  # p_y^(tau-1)
+        factor = np.where(active, row_grad * row_weight * power, 0.0)
         onehot = np.eye(c)[y]
         return np.where(active[:, None], factor[:, None] * (np.exp(log_p) - onehot), 0.0)

@@ -1,0 +1,114 @@
+"""Host-side helpers shared by every accelerated technique: device and dtype checks, block sizes.
+
+Everything here runs on the host without synchronising the device. Value-dependent checks (a
+label out of range) happen inside the kernels, which mark the affected rows NaN.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..reference._checks import REDUCTIONS
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+# Widest class chunk one program loads at a time. Under the Triton interpreter a small chunk keeps
+# CPU runs fast and makes modest class counts cross chunk boundaries, so the loops are tested.
+INTERPRETER_BLOCK = 32
+GPU_BLOCK = 4096
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def max_block() -> int:
+    return INTERPRETER_BLOCK if interpreting() else GPU_BLOCK
+
+
+def block_for(n: int) -> int:
+    """Power-of-two chunk width for rows of ``n`` elements (at least 16, at most ``max_block()``)."""
+    return max(16, min(max_block(), 1 << max(0, (n - 1).bit_length())))
+
+
+def check_tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_device(*named: tuple[str, torch.Tensor | None]) -> None:
+    """All tensors on one CUDA device (or on the CPU under ``TRITON_INTERPRET=1``)."""
+    first = None
+    for name, t in named:
+        if t is None:
+            continue
+        if t.device.type == "cpu" and not interpreting():
+            raise ValueError(
+                f"{name} is a CPU tensor: twinops kernels run on a CUDA device. To run them on the CPU "
+                "through the Triton interpreter, set TRITON_INTERPRET=1 before triton is imported."
+            )
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise ValueError(f"{name} is on {t.device} but {first[0]} is on {first[1]}")
+
+
+def check_logits(logits, name: str = "logits") -> torch.Tensor:
+    check_tensor(logits, name)
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, C), got {logits.ndim} dimensions {tuple(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
+    return logits
+
+
+def check_target(target, n: int, name: str = "target") -> torch.Tensor:
+    check_tensor(target, name)
+    if target.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of class indices, got {target.dtype}")
+    if tuple(target.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match logits, got {tuple(target.shape)}")
+    return target
+
+
+def check_class_weight(weight, c: int, name: str = "weight") -> torch.Tensor | None:
+    if weight is None:
+        return None
+    check_tensor(weight, name)
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}")
+    if tuple(weight.shape) != (c,):
+        raise ValueError(f"{name} must have shape ({c},), one entry per class, got {tuple(weight.shape)}")
+    if weight.requires_grad:
+        raise ValueError(f"{name}: gradients with respect to class weights are not supported; pass {name}.detach()")
+    return weight
+
+
+def check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def reduce_rows(row_loss: torch.Tensor, row_weight: torch.Tensor, reduction: str, dtype: torch.dtype):
+    """Per-row fp32 losses → the requested reduction, returned in ``dtype`` (as the reference's
+    ``reduce_rows``: ``mean`` divides by the total weight of non-ignored rows)."""
+    if reduction == "none":
+        out = row_loss
+    elif reduction == "sum":
+        out = row_loss.sum()
+    else:
+        out = row_loss.sum() / row_weight.sum()
+    return out.to(dtype)
+
+
+def num_warps_for(n: int) -> int:
+    """Warps per row program: enough lanes to keep ``block_for(n)`` loads in flight."""
+    block = block_for(n)
+    return 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1

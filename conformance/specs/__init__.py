@@ -1,0 +1,1 @@
+"""One module per family; importing a module registers its specs."""

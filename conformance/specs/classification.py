@@ -1,0 +1,111 @@
+"""Specs of the classification losses (family ``classification/``)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+
+from ..registry import register
+from ..spec import BadInput, BenchCase, Sample, Spec, Tolerance
+from ..strategies import row_loss_edge_cases, row_loss_samples
+
+REF = "twinops.reference.classification"
+ACC = "twinops.accelerated.classification"
+BASE = "twinops.conformance.baselines.classification"
+
+ROW_LOSS_TOLERANCE = Tolerance(
+    rtol={"float64": 1e-10, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1.6e-2},
+    atol={"float64": 1e-12, "float32": 1e-6, "float16": 1e-5, "bfloat16": 1e-4},
+    reasons=(
+        "atol grows with sqrt(C): every output is a reduction over a row of C logits (log-sum-exp, "
+        "mean/variance), whose fp32 rounding error grows like sqrt(C).",
+        "16-bit outputs also pass when no worse than 2x the eager PyTorch baseline + atol: the "
+        "output itself is rounded to the input dtype.",
+    ),
+)
+
+
+def _row_length(sample: Sample) -> int:
+    return int(np.shape(sample.arrays["logits"])[1])
+
+
+def _logits_bytes(arrays: dict, itemsize: int, direction: str) -> float:
+    """Forward reads the logits once; backward reads them once and writes the gradient once."""
+    n, c = np.shape(arrays["logits"])
+    passes = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[direction]
+    return float(passes * n * c * itemsize + 8 * n)
+
+
+def _bench_cases(extra=None):
+    def case(n, c):
+        def make(rng):
+            arrays = {"logits": rng.standard_normal((n, c), dtype=np.float32), "target": rng.integers(0, c, n)}
+            if extra is not None:
+                arrays.update(extra(rng, n))
+            return arrays, {}
+
+        return BenchCase(f"{n}x{c}", make, ("logits",))
+
+    return (case(8192, 32000), case(4096, 128256))
+
+
+def _row_bad_inputs(base_kwargs: dict, extra=None) -> tuple[BadInput, ...]:
+    """Bad inputs every row-wise loss must reject. ``extra`` adds inputs the loss needs."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3))
+
+    def call(target=np.array([0, 2]), lg=logits, **kw):
+        arrays = {"logits": lg, "target": target}
+        if extra is not None:
+            arrays.update(extra(len(target)))
+        return lambda: (arrays, {**base_kwargs, **kw})
+
+    return (
+        BadInput("label >= C", call(np.array([0, 3])), ValueError, "target", data_dependent=True),
+        BadInput("negative label other than ignore_index", call(np.array([-5, 0])), ValueError, "target",
+                 data_dependent=True),
+        BadInput("1-D logits", call(lg=logits[0]), ValueError, "logits"),
+        BadInput("float target", call(np.array([0.0, 1.0])), TypeError, "target"),
+        BadInput("target length differs from N", call(np.array([0, 1, 2])), ValueError, "target"),
+        BadInput("unknown reduction", call(reduction="avg"), ValueError, "reduction"),
+    )
+
+
+# ---------------------------------------------------------------------------- comp_sum_loss (P13)
+
+TAUS = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def _comp_sum_hyper(draw, scale):
+    # tau < 1 makes the loss grow like p_y^(tau - 1); keep it to scales where that stays finite.
+    tau = draw(st.sampled_from(TAUS) | st.floats(0.0, 3.0))
+    return {"tau": max(tau, 1.0) if scale > 4.0 else tau}
+
+
+COMP_SUM = Spec(
+    name="comp_sum_loss",
+    paper=13,
+    family="classification",
+    summary="Comp-sum family: cross-entropy, generalized CE, MAE and sum-exponential losses in one kernel.",
+    reference=f"{REF}:comp_sum_loss",
+    reference_grad=f"{REF}:comp_sum_loss_grad",
+    accelerated=f"{ACC}:comp_sum_loss",
+    baseline=f"{BASE}:comp_sum_loss",
+    samples=lambda profile, dtype: row_loss_samples(profile, dtype, _comp_sum_hyper, class_weight=True),
+    examples=lambda: [s for tau in (0.0, 1.0, 1.5) for s in row_loss_edge_cases({"tau": tau})],
+    grad_inputs=("logits",),
+    tolerance=ROW_LOSS_TOLERANCE,
+    reduction_length=_row_length,
+    bad_inputs=_row_bad_inputs({"tau": 1.0}) + (
+        BadInput("negative tau", lambda: ({"logits": np.zeros((2, 3)), "target": np.array([0, 1])},
+                                          {"tau": -0.5}), ValueError, "tau"),
+        BadInput("weight of the wrong length", lambda: (
+            {"logits": np.zeros((2, 3)), "target": np.array([0, 1]), "weight": np.ones(4)}, {}),
+            ValueError, "weight"),
+    ),
+    bench_cases=_bench_cases(),
+    bytes_moved=_logits_bytes,
+    properties=("tau=1 equals torch.nn.functional.cross_entropy (tested as an independent anchor)",),
+)
+
+register(COMP_SUM)
