@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .spec import Spec
 
-SPEC_MODULES = ("twinops.conformance.specs.classification",)
+SPEC_MODULES = (".specs.classification",)  # relative to this package
 
 _SPECS: dict[str, Spec] = {}
 _loaded = False
@@ -32,7 +32,7 @@ def _load() -> None:
     if not _loaded:
         _loaded = True
         for module in SPEC_MODULES:
-            importlib.import_module(module)
+            importlib.import_module(module, __package__)
 
 
 def all_specs() -> list[Spec]:

@@ -27,6 +27,7 @@ from twinops.conformance import catalog, registry
 from twinops.conformance.spec import DEFAULT_TOLERANCE, Spec
 
 log = logging.getLogger("mkdocs.hooks.twinops")
+_runs: list[dict] = []  # the benchmark files read by on_files, for on_page_markdown
 
 BENCH_SCHEMA = "twinops-bench/1"
 BENCH_MARKER = "<!-- twinops:benchmark-tables -->"
@@ -63,7 +64,7 @@ def on_files(files, config):
         "techniques/index.md": techniques_index_page(),
         "papers.md": papers_page(),
     }
-    bench = load_benchmarks(Path(config["docs_dir"]))
+    bench = _runs[:] = load_benchmarks(Path(config["docs_dir"]))
     for spec in registry.all_specs():
         generated[f"techniques/{spec.name}.md"] = technique_page(spec, bench)
     for uri, content in generated.items():
@@ -77,7 +78,7 @@ def on_files(files, config):
 
 def on_page_markdown(markdown, page, config, files):
     if page.file.src_uri == "benchmarks.md":
-        tables = benchmark_tables(load_benchmarks(Path(config["docs_dir"])))
+        tables = benchmark_tables(_runs)
         markdown = markdown.replace(BENCH_MARKER, tables)
     return markdown
 
@@ -218,7 +219,7 @@ def tolerance_section(spec: Spec) -> str:
         "",
     ]
     if tol.reasons:
-        text += ["Departures from the library defaults:", ""] + [f"- {r}" for r in tol.reasons]
+        text += ["Why these values:", ""] + [f"- {r}" for r in tol.reasons]
     elif tol == DEFAULT_TOLERANCE:
         text += ["These are the library defaults."]
     return "\n".join(text)
@@ -319,14 +320,14 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
 
-def _run_caption(run: dict) -> str:
-    gpu = run.get("gpu") or run.get("device") or "unknown device"
-    copy = f", device copy {run['copy_gbps']:.0f} GB/s" if run.get("copy_gbps") else ""
+def _run_device(run: dict) -> str:
+    return f"{run.get('gpu') or run.get('device') or 'unknown device'}, {str(run.get('created', ''))[:10]}"
+
+
+def _run_versions(run: dict) -> str:
+    copy = f", measured device copy {run['copy_gbps']:.0f} GB/s" if run.get("copy_gbps") else ""
     sha = str(run.get("git_sha") or "")[:10]
-    return (
-        f"{gpu}, {str(run.get('created', ''))[:10]} — torch {run.get('torch', '?')}, "
-        f"triton {run.get('triton', '?')}, commit `{sha}`{copy}"
-    )
+    return f"torch {run.get('torch', '?')}, triton {run.get('triton', '?')}, commit `{sha}`{copy}"
 
 
 BENCH_COLUMNS = ["case", "dtype", "direction", "provider", "ms", "GB/s", "% of copy", "vs eager", "vs compile", "extra peak MiB"]
@@ -351,7 +352,7 @@ def technique_benchmarks(name: str, runs: list[dict]) -> str:
     for run in runs:
         results = [r for r in run["results"] if r.get("technique") == name]
         if results:
-            return f"Measured on {_run_caption(run)}.\n\n" + _table(BENCH_COLUMNS, [_bench_row(r) for r in results])
+            return f"Measured on {_run_device(run)} ({_run_versions(run)}).\n\n" + _table(BENCH_COLUMNS, [_bench_row(r) for r in results])
     return "Not yet measured on a GPU."
 
 
@@ -361,8 +362,7 @@ def benchmark_tables(runs: list[dict]) -> str:
     registered = set(registry.names())
     out = []
     for run in runs:
-        out += [f"### {run.get('gpu') or run.get('device') or 'unknown device'}, {str(run.get('created', ''))[:10]}", ""]
-        out += [_run_caption(run) + f" (`{run['_file']}`).", ""]
+        out += [f"### {_run_device(run)}", "", f"{_run_versions(run)}; `docs/benchmarks/{run['_file']}`.", ""]
         rows = []
         for r in run["results"]:
             name = r.get("technique", "")

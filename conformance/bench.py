@@ -1,0 +1,247 @@
+"""Benchmarks: twinops kernels against the eager baseline and ``torch.compile`` of it.
+
+On a GPU every call is timed with CUDA events after flushing the L2 cache (a 256 MiB write),
+and the median is reported with the byte model's GB/s and its percentage of a device-to-device
+copy measured in the same run, plus the op's extra peak memory (allocation delta, inputs
+excluded). pytest-benchmark drives the rounds (see :mod:`twinops.conformance.benchsuite`) so runs
+compare with ``--benchmark-compare``; the rows below are the one JSON schema (``twinops-bench/1``)
+the report and the docs read.
+
+Without a GPU the suite runs a *smoke* mode: tiny shapes, the accelerated path through the Triton
+interpreter, one round, and no speed figures (they would mean nothing).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import statistics
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import registry
+from .spec import BenchCase, Spec
+
+SCHEMA = "twinops-bench/1"
+PROVIDERS = ("twinops", "eager", "compile")
+DIRECTIONS = ("fwd", "fwd+bwd")
+GPU_DTYPES = ("float32", "bfloat16")
+SMOKE_SHAPE = (4, 40)
+
+
+def gpu_available() -> bool:
+    import os
+
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+@dataclass(frozen=True)
+class Case:
+    spec: Spec
+    bench: BenchCase
+    dtype: str
+    direction: str
+    provider: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.spec.name}-{self.bench.label}-{self.dtype}-{self.direction}-{self.provider}"
+
+
+def cases(names=None, smoke: bool = False) -> list[Case]:
+    specs = [registry.get(n) for n in names] if names else registry.all_specs()
+    dtypes = ("float32",) if smoke else GPU_DTYPES
+    out = []
+    for spec in specs:
+        if spec.accelerated is None:
+            continue
+        benches = spec.bench_cases[:1] if smoke else spec.bench_cases
+        for b in benches:
+            for dtype in dtypes:
+                for direction in DIRECTIONS:
+                    if direction == "fwd+bwd" and not spec.grad_inputs:
+                        continue
+                    for provider in PROVIDERS:
+                        out.append(Case(spec, b, dtype, direction, provider))
+    return out
+
+
+def _shrink(arrays: dict) -> dict:
+    """Smoke mode: cut every input to at most SMOKE_SHAPE (rows x classes), keeping labels valid."""
+    n, c = SMOKE_SHAPE
+    out = {}
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        if v.ndim == 2:
+            out[k] = v[:n, :c]
+        elif v.dtype.kind in "iu":
+            out[k] = v[:n] % c
+        else:
+            out[k] = v[:n]
+    return out
+
+
+def prepare(case: Case, smoke: bool):
+    """Inputs on the device and a zero-argument callable running the case once."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    arrays, kwargs = case.bench.make(rng)
+    if smoke:
+        arrays = _shrink(arrays)
+    device = "cuda" if gpu_available() else "cpu"
+    dtype = getattr(torch, case.dtype)
+    tensors = {
+        k: torch.as_tensor(v).to(device, dtype if k in case.bench.float_inputs else None)
+        for k, v in arrays.items()
+    }
+    grad_names = tuple(case.spec.grad_inputs) if case.direction == "fwd+bwd" else ()
+    for k in grad_names:
+        tensors[k].requires_grad_(True)
+    fn = {
+        "twinops": case.spec.accelerated_fn(),
+        "eager": case.spec.baseline_fn(),
+        "compile": case.spec.baseline_fn(),
+    }[case.provider]
+    if case.provider == "compile":
+        fn = torch.compile(fn, dynamic=False)
+    out_index = case.spec.grad_output_index or 0
+
+    def run():
+        out = fn(**tensors, **kwargs)
+        if grad_names:
+            out = out[out_index] if isinstance(out, tuple) else out
+            torch.autograd.grad(out, [tensors[k] for k in grad_names], torch.ones_like(out))
+        return out
+
+    return arrays, run
+
+
+class CudaTimer:
+    """Calls ``fn`` and records its CUDA-event time (ms), after flushing L2 each call."""
+
+    def __init__(self, fn):
+        import torch
+
+        self.fn, self.torch = fn, torch
+        self.samples: list[float] = []
+        self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+
+    def __call__(self):
+        torch = self.torch
+        self.flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.fn()
+        end.record()
+        torch.cuda.synchronize()
+        self.samples.append(start.elapsed_time(end))
+
+
+def extra_peak_mib(fn) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+_COPY_GBPS: float | None = None
+
+
+def copy_bandwidth_gbps() -> float | None:
+    """Device-to-device copy bandwidth (read + write bytes / time), measured once per process."""
+    global _COPY_GBPS
+    if _COPY_GBPS is None and gpu_available():
+        import torch
+        import triton.testing
+
+        src = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
+        dst = torch.empty_like(src)
+        ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+        _COPY_GBPS = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    return _COPY_GBPS
+
+
+def row(case: Case, arrays: dict, ms: float | None, peak_mib: float | None) -> dict:
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[case.dtype]
+    gbps = pct = None
+    if ms and case.spec.bytes_moved is not None:
+        gbps = case.spec.bytes_moved(arrays, itemsize, case.direction) / (ms * 1e-3) / 1e9
+        copy = copy_bandwidth_gbps()
+        pct = 100 * gbps / copy if copy else None
+    return {
+        "technique": case.spec.name, "case": case.bench.label, "dtype": case.dtype,
+        "direction": case.direction, "provider": case.provider, "ms": ms, "gbps": gbps,
+        "pct_of_copy": pct, "speedup_vs_eager": None, "speedup_vs_compile": None,
+        "extra_peak_mib": peak_mib,
+    }
+
+
+def add_speedups(rows: list[dict]) -> list[dict]:
+    """Fill speed-ups of the twinops rows over the eager and compiled baselines of the same case."""
+    key = lambda r: (r["technique"], r["case"], r["dtype"], r["direction"])
+    by = {(key(r), r["provider"]): r for r in rows}
+    for r in rows:
+        if r["provider"] != "twinops" or not r["ms"]:
+            continue
+        for other, field in (("eager", "speedup_vs_eager"), ("compile", "speedup_vs_compile")):
+            o = by.get((key(r), other))
+            if o and o["ms"]:
+                r[field] = o["ms"] / r["ms"]
+    return rows
+
+
+def environment(smoke: bool) -> dict:
+    import torch
+    import triton
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    gpu = torch.cuda.get_device_name() if gpu_available() else None
+    return {
+        "schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": sha, "device": gpu or "cpu (Triton interpreter)", "gpu": gpu,
+        "torch": torch.__version__, "triton": triton.__version__, "smoke": smoke,
+        "copy_gbps": copy_bandwidth_gbps(),
+    }
+
+
+def markdown(doc: dict) -> str:
+    head = (f"Device: {doc['device']} · torch {doc['torch']} · triton {doc['triton']} · "
+            f"git {str(doc['git_sha'])[:10]}" + (" · smoke mode (no timings)" if doc["smoke"] else "")
+            + (f" · copy bandwidth {doc['copy_gbps']:.0f} GB/s" if doc.get("copy_gbps") else ""))
+    lines = [head, "", "| technique | case | dtype | direction | provider | ms | GB/s | % of copy | "
+             "vs eager | vs compile | extra MiB |", "|" + "---|" * 11]
+    f = lambda v, spec: "–" if v is None else format(v, spec)
+    for r in doc["results"]:
+        lines.append(
+            f"| {r['technique']} | {r['case']} | {r['dtype']} | {r['direction']} | {r['provider']} | "
+            f"{f(r['ms'], '.3f')} | {f(r['gbps'], '.0f')} | {f(r['pct_of_copy'], '.0f')} | "
+            f"{f(r['speedup_vs_eager'], '.2f')} | {f(r['speedup_vs_compile'], '.2f')} | "
+            f"{f(r['extra_peak_mib'], '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write(doc: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = out_dir / "bench.json", out_dir / "bench.md"
+    jpath.write_text(json.dumps(doc, indent=1))
+    mpath.write_text(markdown(doc))
+    return jpath, mpath
+
+
+def median(samples: list[float]) -> float | None:
+    return statistics.median(samples) if samples else None
