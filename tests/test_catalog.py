@@ -23,6 +23,7 @@ def test_catalog_is_current():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "twinops.conformance.catalog", "--shared", str(SHARED), "--check"],
+    out = subprocess.run([sys.executable, "-m", "twinops.conformance.catalog", "--shared", str(SHARED), "--check",
+                          "--out", str(Path(catalog.__file__).parent / "data" / "papers.json")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -108,4 +108,45 @@ COMP_SUM = Spec(
     properties=("tau=1 equals torch.nn.functional.cross_entropy (tested as an independent anchor)",),
 )
 
-register(COMP_SUM)
+
+# ---------------------------------------------------------------------------- spherical_z_loss (P5)
+
+
+def _spherical_z_hyper(draw, scale):
+    return {
+        "a": draw(st.sampled_from((0.5, 1.0, 2.0)) | st.floats(0.1, 5.0)),
+        "b": draw(st.floats(-2.0, 2.0)),
+        "eps": draw(st.sampled_from((1e-6, 1e-3))),
+    }
+
+
+def _positive_hyper_bad_input(name: str, value: float) -> BadInput:
+    return BadInput(f"{name} = {value:g} (must be > 0)", lambda: ({"logits": np.zeros((2, 3)), "target": np.array([0, 1])},
+                                            {name: value}), ValueError, name)
+
+
+SPHERICAL_Z = Spec(
+    name="spherical_z_loss",
+    paper=5,
+    family="classification",
+    summary="Z-loss: softplus loss on the target's standardised logit, invariant to shifting and scaling the logits.",
+    reference=f"{REF}:spherical_z_loss",
+    reference_grad=f"{REF}:spherical_z_loss_grad",
+    accelerated=f"{ACC}:spherical_z_loss",
+    baseline=f"{BASE}:spherical_z_loss",
+    samples=lambda profile, dtype: row_loss_samples(profile, dtype, _spherical_z_hyper),
+    examples=lambda: [s for hyper in ({"a": 1.0, "b": 0.0, "eps": 1e-6}, {"a": 2.0, "b": 0.5, "eps": 1e-3})
+                      for s in row_loss_edge_cases(hyper)],
+    grad_inputs=("logits",),
+    tolerance=ROW_LOSS_TOLERANCE,
+    reduction_length=_row_length,
+    bad_inputs=_row_bad_inputs({"a": 1.0, "b": 0.0}) + (
+        _positive_hyper_bad_input("a", 0.0),
+        _positive_hyper_bad_input("a", -1.0),
+        _positive_hyper_bad_input("eps", 0.0),
+    ),
+    bench_cases=_bench_cases(),
+    bytes_moved=_logits_bytes,
+)
+
+register(COMP_SUM, SPHERICAL_Z)
