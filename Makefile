@@ -38,7 +38,7 @@ bench: $(STAMP)
 docs: $(STAMP)
 	rm -rf $(DOCS_PKG)
 	$(PIP) install -q --no-deps --target $(DOCS_PKG) .
-	PYTHONPATH=$(CURDIR)/$(DOCS_PKG) $(VENV)/bin/mkdocs build --strict -q -d $(DOCS_SITE)
+	NO_MKDOCS_2_WARNING=1 PYTHONPATH=$(CURDIR)/$(DOCS_PKG) $(VENV)/bin/mkdocs build --strict -q -d $(DOCS_SITE)
 
 clean:
 	rm -rf $(VENV) .build $(REPORTS) site

@@ -30,16 +30,19 @@ PROFILES = {
 DEFAULT_DTYPES = {"ci": ("float32", "float16"), "dev": ("float32", "float16"), "gpu": ("float32", "float16", "bfloat16")}
 
 
-def hypothesis_settings(profile: str) -> settings:
+def hypothesis_settings(profile: str, max_examples: int | None = None) -> settings:
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {tuple(PROFILES)}, got {profile!r}")
+    options = dict(PROFILES[profile])
+    if max_examples is not None:
+        options["max_examples"] = max_examples
     return settings(
         deadline=None,
         database=None,
         print_blob=True,
         suppress_health_check=list(HealthCheck),
         phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
-        **PROFILES[profile],
+        **options,
     )
 
 
@@ -191,6 +194,7 @@ def check_port(
     device: str | None = None,
     check_grad: bool = True,
     bad_inputs: bool = True,
+    max_examples: int | None = None,
 ) -> Report:
     """Check an implementation ``fn`` of ``technique`` against the reference.
 
@@ -203,6 +207,9 @@ def check_port(
       integer) NumPy values (``dtype`` is ``None`` for integer inputs, ``layout`` may be ignored),
       ``to_numpy(x)`` converts outputs back. Gradients are checked when ``vjp(grad_out, inputs,
       kwargs)`` is given, returning ``{input_name: gradient}`` for the spec's ``grad_inputs``.
+
+    ``profile`` picks the Hypothesis settings and input sizes (``ci``: derandomized and small;
+    ``dev``: more examples; ``gpu``: vocabulary-sized rows); ``max_examples`` overrides its count.
     """
     spec = technique if isinstance(technique, Spec) else _lookup(technique)
     report = Report(spec.name if spec else str(technique), _implementation_name(fn) if fn else "none")
@@ -310,7 +317,7 @@ def check_port(
                     run_one(sample, dtype)
                 except Mismatch as exc:
                     report.fail(f"edge case: {exc}")
-            _run_hypothesis(spec, profile, dtype, run_one, report)
+            _run_hypothesis(spec, profile, dtype, run_one, report, max_examples)
         if bad_inputs:
             _check_bad_inputs(spec, fn, native, numpy_of, report)
     except NotImplementedError as exc:
@@ -325,8 +332,8 @@ def _check_dtype(value, dtype: str, which, sample: Sample) -> None:
         raise Mismatch(f"output {which}: dtype {got}, expected {dtype}\n  input: {sample.describe()}")
 
 
-def _run_hypothesis(spec: Spec, profile: str, dtype: str, run_one, report: Report) -> None:
-    @hypothesis_settings(profile)
+def _run_hypothesis(spec: Spec, profile: str, dtype: str, run_one, report: Report, max_examples=None) -> None:
+    @hypothesis_settings(profile, max_examples)
     @given(spec.samples(profile, dtype))
     def prop(sample):
         run_one(sample, dtype)

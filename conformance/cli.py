@@ -84,7 +84,8 @@ def _run_bench(names, out_dir: Path) -> dict:
     from . import bench
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows_file = Path(tempfile.mkstemp(prefix="twinops-bench-", suffix=".jsonl")[1])
+    given = os.environ.get("TWINOPS_BENCH_ROWS")  # keep the rows there (e.g. to survive a time-out)
+    rows_file = Path(given) if given else Path(tempfile.mkstemp(prefix="twinops-bench-", suffix=".jsonl")[1])
     os.environ["TWINOPS_BENCH_ROWS"] = str(rows_file)
     if names:
         os.environ["TWINOPS_BENCH_ONLY"] = ",".join(names)
@@ -94,7 +95,8 @@ def _run_bench(names, out_dir: Path) -> dict:
         "--benchmark-disable-gc", "--benchmark-columns=median,rounds",
     ])
     rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-    rows_file.unlink()
+    if not given:
+        rows_file.unlink()
     if code not in (0,):
         raise SystemExit(f"twinops: the benchmark suite failed (pytest exit code {int(code)})")
     doc = bench.environment(smoke=not bench.gpu_available())

@@ -33,10 +33,12 @@ def comp_sum_loss(logits, target, *, tau=1.0, weight=None, ignore_index=-100, re
 
 
 def spherical_z_loss(logits, target, *, a=1.0, b=0.0, eps=1e-6, ignore_index=-100, reduction="mean"):
+    active, safe, w = _rows(target, ignore_index, None, logits[:, 0])
+    # Zero the ignored rows first: a NaN there would otherwise reach the gradient through mean/std.
+    logits = torch.where(active[:, None], logits, torch.zeros_like(logits))
     mu = logits.mean(dim=-1, keepdim=True)
     sigma = logits.std(dim=-1, unbiased=False, keepdim=True)
     z = (logits - mu) / (sigma + eps)
-    active, safe, w = _rows(target, ignore_index, None, z[:, 0])
     z_y = z.gather(1, safe[:, None])[:, 0]
     loss = F.softplus(a * (b - z_y)) / a
     loss = torch.where(active, loss, torch.zeros_like(loss))
@@ -45,6 +47,7 @@ def spherical_z_loss(logits, target, *, a=1.0, b=0.0, eps=1e-6, ignore_index=-10
 
 def ldr_kl_loss(logits, target, *, margin=0.1, lam=1.0, ignore_index=-100, reduction="mean"):
     active, safe, w = _rows(target, ignore_index, None, logits[:, 0])
+    logits = torch.where(active[:, None], logits, torch.zeros_like(logits))  # ignored rows: gradient exactly 0
     onehot = F.one_hot(safe, logits.shape[1]).to(logits.dtype)
     f_y = logits.gather(1, safe[:, None])
     d = logits - f_y + margin * (1 - onehot)
@@ -58,12 +61,14 @@ def aldr_kl_loss(logits, target, lam_prev, *, margin=0.1, lam0=1.0, alpha=2.0, i
     k = logits.shape[1]
     log_k = math.log(k)
     active, safe, w = _rows(target, ignore_index, None, logits[:, 0])
-    with torch.no_grad():
-        p = torch.softmax(logits / lam_prev[:, None], dim=-1) + 1e-5
+    logits = torch.where(active[:, None], logits, torch.zeros_like(logits))  # ignored rows: gradient exactly 0
+    with torch.no_grad():  # the temperature update is detached and kept in float32, like the state it feeds
+        lam_prev = lam_prev.float()
+        p = torch.softmax(logits.float() / lam_prev[:, None], dim=-1) + 1e-5
         p = p / p.sum(dim=-1, keepdim=True)
         kl = (p * torch.log(k * p)).sum(dim=-1)
         lam = lam0 * (1 - kl / (alpha * log_k)) if k > 1 else torch.full_like(kl, lam0)
-        lam = torch.where(active, lam, lam_prev.to(lam.dtype))
+        lam = torch.where(active, lam, lam_prev)
     onehot = F.one_hot(safe, k).to(logits.dtype)
     d = logits - logits.gather(1, safe[:, None]) + margin * (1 - onehot)
     loss = lam * (torch.logsumexp(d / lam[:, None], dim=-1) - log_k)
