@@ -6,6 +6,8 @@ value) and names the offending argument, so a user sees which input is wrong.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -70,7 +72,7 @@ def check_real(value, name: str, *, low=None, high=None, low_open=False, high_op
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
-    if not np.isfinite(v):
+    if not math.isfinite(v):  # math, not numpy: this also runs inside torch.compile'd code
         raise ValueError(f"{name} must be finite, got {v}")
     if low is not None and (v < low or (low_open and v == low)):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")

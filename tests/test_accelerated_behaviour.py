@@ -108,3 +108,20 @@ def test_modules_match_functions():
     torch.testing.assert_close(acc.CompSumLoss(tau=1.5)(x, t), acc.comp_sum_loss(x, t, tau=1.5))
     torch.testing.assert_close(acc.SphericalZLoss(a=2.0)(x, t), acc.spherical_z_loss(x, t, a=2.0))
     torch.testing.assert_close(acc.LDRKLLoss(lam=2.0)(x, t), acc.ldr_kl_loss(x, t, lam=2.0))
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_traces_as_one_graph(name):
+    """torch.compile(fullgraph=True) must not break the graph anywhere in our Python wrappers (the
+    aot_eager backend needs no GPU; the GPU lane also runs the real compiler)."""
+    torch._dynamo.reset()
+    fn = torch.compile(CALLS[name], fullgraph=True, backend="aot_eager")
+    x = _logits().requires_grad_(True)
+    t = torch.tensor([0, 5, -100, 36, 2, 1])
+    out = fn(x, t)
+    out.backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    want = CALLS[name](x2, t)
+    want.backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(x.grad, x2.grad)
