@@ -12,9 +12,12 @@ off the target and work in logit units relative to the row's largest non-target 
     mx = max_{k != y} x_k,   s = sum_{k != y} exp((x_k - mx) / lam),
     D  = mx - x_y + c        (the largest d_k, k != y),   M = max(D, 0) (the largest d_k),
     S  = s exp((D - M) / lam) + exp(-M / lam)             (sum_k exp((d_k - M) / lam)),
-    loss = M + lam (log S - log K).
+    loss = M + lam log(S / K).
 
-Every exponent is then a difference of nearby logits. The backward needs, per row,
+Every exponent is then a difference of nearby logits. At large lam the row is nearly uniform,
+S is close to K, and log S - log K would cancel (times lam, up to 20); so the loop also sums
+expm1 of the same exponents, giving S - K directly, and log(S / K) = log1p((S - K) / K) when
+S > K / 2. The backward needs, per row,
 p_k = exp((x_k - mx) / lam + w) for k != y, with w = (D - M) / lam - log S, and
 1 - p_y = q = s exp((D - M) / lam) / S, so the target entry -g q has no cancellation. The forward
 saves (mx, w, q): 12 bytes a row. Bytes: LDR reads the logits once forward; the backward reads them
@@ -40,7 +43,7 @@ import triton.language as tl
 
 from ...reference._checks import check_int, check_real
 from .. import _runtime as rt
-from ._rowwise import load_label
+from ._rowwise import expm1, load_label
 
 __all__ = ["ldr_kl_loss", "aldr_kl_loss", "LDRKLLoss", "ALDRKLLoss"]
 
@@ -51,21 +54,19 @@ _STATS = 3  # per-row floats the forward saves: mx, w, q (see the module docstri
 
 
 @triton.jit
-def _row_max_sumexp(row_ptr, stride_col, C, skip, inv_temp, BLOCK_C: tl.constexpr):
-    """Online max ``mx`` of ``x_k`` over k != ``skip`` and ``s = sum exp((x_k - mx) * inv_temp)``.
+def _row_max_sumexp(row_ptr, stride_col, C, inv_temp, BLOCK_C: tl.constexpr):
+    """Online max ``mx`` of a row's ``x_k`` and ``s = sum_k exp((x_k - mx) * inv_temp)``.
 
     The max is tracked in logit units, so each exponent is a difference of two logits times
-    ``inv_temp`` (pass ``skip = -1`` to include every column). A chunk that raises the max
-    rescales ``s`` by ``exp((mx_old - mx_new) * inv_temp)``. Masked and skipped lanes load
-    ``-inf`` and contribute 0; with no finite entry ``mx = -inf`` and ``s = 0``. NaN or ``+inf``
-    in the row makes ``s`` NaN.
+    ``inv_temp``. A chunk that raises the max rescales ``s`` by ``exp((mx_old - mx_new) * inv_temp)``.
+    Masked lanes load ``-inf`` and contribute 0; a row of ``-inf`` keeps ``mx = -inf`` and ``s = 0``.
+    NaN or ``+inf`` in the row makes ``s`` NaN.
     """
     mx = float("-inf")
     s = 0.0
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        keep = (cols < C) & (cols != skip)
-        x = tl.load(row_ptr + cols * stride_col, mask=keep, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + cols * stride_col, mask=cols < C, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(mx, tl.max(x, axis=0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp((mx - shift) * inv_temp) + tl.sum(tl.exp((x - shift) * inv_temp), axis=0)
@@ -74,24 +75,56 @@ def _row_max_sumexp(row_ptr, stride_col, C, skip, inv_temp, BLOCK_C: tl.constexp
 
 
 @triton.jit
+def _log1p(z):
+    """log(1 + z) for z > -1, keeping the digits of a small z (Goldberg's correction)."""
+    u = 1.0 + z
+    return tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
+
+
+@triton.jit
 def _ldr_row(row_ptr, stride_col, C, y, margin, lam, log_k, BLOCK_C: tl.constexpr):
     """One read of a row: its LDR-KL loss at temperature ``lam`` and the backward's (mx, w, q).
 
-    ``y`` must be a valid column (callers pass the safe label). ``x_y - x_y`` is 0, or NaN when
-    ``x_y`` is NaN or infinite, and is added to D so that such rows (K = 1 included) come out NaN,
-    as d_y = x_y - x_y does in the reference.
+    Besides ``s = sum_{k != y} exp(u_k)``, u_k = (x_k - mx) / lam, the loop keeps
+    ``em = sum_{k != y} expm1(u_k)`` (that is s minus the non-target lanes seen so far). A max that
+    rises by lam * delta turns em into ``exp(-delta) em + seen expm1(-delta)``. ``y`` must be a
+    valid column (callers pass the safe label). ``x_y - x_y`` is 0, or NaN when ``x_y`` is NaN or
+    infinite, and is added to D so that such rows (K = 1 included) come out NaN, as
+    d_y = x_y - x_y does in the reference.
     """
     inv_lam = 1.0 / lam
-    mx, s = _row_max_sumexp(row_ptr, stride_col, C, y, inv_lam, BLOCK_C)
+    mx = float("-inf")
+    s = 0.0
+    em = 0.0
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
+        keep = (cols < C) & (cols != y)
+        x = tl.load(row_ptr + cols * stride_col, mask=keep, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(mx, tl.max(x, axis=0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        neg_delta = tl.where(m_new == mx, 0.0, (mx - shift) * inv_lam)  # -inf when mx was -inf
+        rescale = tl.exp(neg_delta)
+        seen = start - tl.where(y < start, 1, 0)  # non-target lanes already in em
+        u = (x - shift) * inv_lam
+        s = s * rescale + tl.sum(tl.exp(u), axis=0)
+        em = em * rescale + seen * expm1(neg_delta) + tl.sum(tl.where(keep, expm1(u), 0.0), axis=0)
+        mx = m_new
+
     x_y = tl.load(row_ptr + y * stride_col).to(tl.float32)
     top = mx - x_y + margin + (x_y - x_y)    # D = max_{k != y} d_k; -inf when K = 1
-    big = tl.where(top > 0.0, top, 0.0)      # M = max(D, d_y); a NaN D keeps 0 and poisons `rest`
-    rest = s * tl.exp((top - big) * inv_lam)  # sum_{k != y} exp((d_k - M) / lam)
-    total = rest + tl.exp(-big * inv_lam)    # S
-    log_total = tl.log(total)
-    loss = big + lam * (log_total - log_k)
-    w = (top - big) * inv_lam - log_total    # log p_k = (x_k - mx) / lam + w for k != y
-    q = rest / total                          # 1 - p_y
+    big = tl.where(top > 0.0, top, 0.0)      # M = max(D, d_y); a NaN D keeps 0 and poisons `t`
+    t = (top - big) * inv_lam                # <= 0
+    r = -big * inv_lam                       # <= 0; t or r is 0
+    a = tl.exp(t)
+    rest = s * a                             # sum_{k != y} exp((d_k - M) / lam)
+    total = rest + tl.exp(r)                 # S
+    # S - K as a sum of terms that are all <= 0, so it keeps its digits when S is close to K
+    k_float = C * 1.0
+    excess = em * a + (k_float - 1.0) * expm1(t) + expm1(r)
+    log_mean = tl.where(excess > -0.5 * k_float, _log1p(excess / k_float), tl.log(total) - log_k)
+    loss = big + lam * log_mean
+    w = t - tl.log(total)                    # log p_k = (x_k - mx) / lam + w for k != y
+    q = rest / total                         # 1 - p_y
     return loss, mx, w, q
 
 
@@ -129,9 +162,10 @@ def _aldr_kl_forward_kernel(
     logits_ptr, stride_row, stride_col,  # (N, C) logits; element (i, k) at i*stride_row + k*stride_col
     target_ptr, stride_target,           # (N,) integer labels
     lam_prev_ptr, stride_lam_prev,       # (N,) floating: the rows' stored temperatures
-    loss_ptr,                            # out (N,) fp32: loss_i; 0 if ignored; NaN if label invalid
+    loss_ptr,                            # out (N,) fp32: loss_i; 0 if ignored; NaN as lam_new_i below
     row_weight_ptr,                      # out (N,) fp32: 1, or 0 if ignored
-    lam_new_ptr,                         # out (N,) fp32: lam_new_i; lam_prev_i if ignored; NaN if label invalid
+    lam_new_ptr,                         # out (N,) fp32: lam_new_i; lam_prev_i if ignored; NaN if the label
+                                         # is invalid or lam_prev_i is not finite and > 0
     stats_ptr,                           # out (N, 3) fp32 contiguous: (mx, w, q) of row i at lam_new_i
     C, margin, lam0, alpha, log_k, ignore_index,
     BLOCK_C: tl.constexpr,
@@ -140,10 +174,11 @@ def _aldr_kl_forward_kernel(
     row_ptr = logits_ptr + row * stride_row
     y, ignored, valid, safe = load_label(target_ptr, stride_target, row, C, ignore_index)
     lam_prev = tl.load(lam_prev_ptr + row * stride_lam_prev).to(tl.float32)
+    valid = valid & (lam_prev > 0.0) & (lam_prev < float("inf"))  # else NaN loss and lam_new, as for a bad label
 
     # Pass 1: softmax(x / lam_prev) normaliser, in logit units.
     inv_prev = 1.0 / lam_prev
-    mx1, s1 = _row_max_sumexp(row_ptr, stride_col, C, -1, inv_prev, BLOCK_C)
+    mx1, s1 = _row_max_sumexp(row_ptr, stride_col, C, inv_prev, BLOCK_C)
 
     # Pass 2: kl = sum_k p'_k log(K p'_k) of the floored softmax.
     k_float = C * 1.0
@@ -357,10 +392,11 @@ def aldr_kl_loss(logits, target, lam_prev, *, margin=0.1, lam0=1.0, alpha=2.0, i
     Same arguments and semantics as :func:`twinops.reference.classification.aldr_kl_loss`. ``loss``
     has the input dtype; ``lam_new`` is float32 of shape (N,), detached, and the caller stores it
     (``state[ids] = lam_new``); ``lam_prev`` is only read. ``lam_prev`` must be a floating tensor of
-    shape (N,) on the logits' device (any floating dtype; it is read in fp32). Its values are not
-    checked, since that would synchronise the device: a row whose ``lam_prev`` is not finite and
-    > 0 gets NaN (or a meaningless value) instead of an error. Labels outside [0, C) that are not
-    ``ignore_index`` give NaN loss and NaN ``lam_new`` for their row. The gradient treats
+    shape (N,) on the logits' device (any floating dtype; it is read in fp32). Its values, like the
+    labels, are checked on the device rather than raising, since raising would synchronise it: a
+    non-ignored row whose ``lam_prev`` is not finite and > 0, or whose label is outside [0, C) and
+    not ``ignore_index``, gets NaN loss and NaN ``lam_new`` (ignored rows pass ``lam_prev`` through
+    unchecked). The gradient treats
     ``lam_new`` as a constant, as the reference's ``aldr_kl_loss_grad`` does; none flows to
     ``lam_prev``.
     """

@@ -36,8 +36,8 @@ __all__ = ["spherical_z_loss", "SphericalZLoss"]
 
 HAS_TRITON_BACKWARD = True
 
-# Per-row statistics the forward saves for the backward, columns of an (N, 5) float32 tensor.
-STAT_SHIFT, STAT_MEAN, STAT_TARGET, STAT_CONST, STAT_SLOPE = range(5)
+# Floats a row the forward saves for the backward: o_c, m, and the gradient coefficients
+# -dl/do_c, "const" and "slope" (dl/do_k = const - slope * e_k for k != c).
 NUM_STATS = 5
 
 
@@ -55,7 +55,7 @@ def _spherical_z_forward_kernel(
     target_ptr, stride_target,           # (N,) integer labels
     loss_ptr,                            # out (N,) fp32: loss_i; 0 if ignored; NaN if label invalid
     row_weight_ptr,                      # out (N,) fp32: 1, or 0 if ignored (the mean's denominator)
-    stats_ptr,                           # out (N, NUM_STATS) fp32, contiguous: what the backward needs
+    stats_ptr,                           # out (N, NUM_STATS) fp32, contiguous: o_c, m, -dl/do_c, const, slope
     C, a, b, eps, ignore_index,
     NUM_STATS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -119,11 +119,11 @@ def _spherical_z_forward_kernel(
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
     tl.store(row_weight_ptr + row, tl.where(ignored, 0.0, 1.0))
     stats = stats_ptr + row * NUM_STATS
-    tl.store(stats + 0, shift)                   # STAT_SHIFT: o_c
-    tl.store(stats + 1, mean)                    # STAT_MEAN: m, mean of D_k over k != c
-    tl.store(stats + 2, scale * target_bracket)  # STAT_TARGET: -dl/do_c
-    tl.store(stats + 3, scale * const)           # STAT_CONST: dl/do_k = const - slope * e_k, k != c
-    tl.store(stats + 4, scale * slope)           # STAT_SLOPE
+    tl.store(stats + 0, shift)                   # o_c
+    tl.store(stats + 1, mean)                    # m, the mean of D_k over k != c
+    tl.store(stats + 2, scale * target_bracket)  # -dl/do_c
+    tl.store(stats + 3, scale * const)           # dl/do_k = const - slope * e_k for k != c
+    tl.store(stats + 4, scale * slope)
 
 
 @triton.jit
@@ -131,7 +131,7 @@ def _spherical_z_backward_kernel(
     grad_loss_ptr, stride_grad,          # (N,) upstream gradient of the per-row losses (stride 0 if broadcast)
     logits_ptr, stride_row, stride_col,  # (N, C) logits, as in the forward
     target_ptr, stride_target,           # (N,) integer labels
-    stats_ptr,                           # (N, NUM_STATS) fp32 saved by the forward, contiguous
+    stats_ptr,                           # (N, NUM_STATS) fp32 saved by the forward: o_c, m, -dl/do_c, const, slope
     grad_logits_ptr, stride_grad_row, stride_grad_col,  # out (N, C) in the logits' dtype
     C, ignore_index,
     NUM_STATS: tl.constexpr, BLOCK_C: tl.constexpr,
