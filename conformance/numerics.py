@@ -10,8 +10,13 @@ from .spec import Tolerance
 
 
 def round_to_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
-    """The float64 values an input of ``dtype`` actually holds (round to nearest even)."""
-    a = np.asarray(array, dtype=np.float64)
+    """The float64 values an input of ``dtype`` actually holds (round to nearest even; values
+    beyond the dtype's range become ±inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _round(np.asarray(array, dtype=np.float64), dtype)
+
+
+def _round(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float64":
         return a.copy()
     if dtype == "float32":
@@ -76,7 +81,8 @@ def compare(
     if not finite.any():
         return Comparison(True, 0.0, 0.0, None)
     rtol, atol = tolerance.rtol[dtype], tolerance.atol[dtype]
-    err = np.where(finite, np.abs(acc - ref), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = np.where(finite, np.abs(acc - np.where(finite, ref, 0.0)), 0.0)
     allowed = atol * np.sqrt(max(reduction_length, 1)) + rtol * np.abs(np.where(finite, ref, 0.0))
     if baseline is not None and dtype in ("float16", "bfloat16"):
         base = np.asarray(baseline, dtype=np.float64)
