@@ -17,6 +17,7 @@ from . import bench
 SMOKE = not bench.gpu_available()
 _NAMES = [n for n in os.environ.get("TWINOPS_BENCH_ONLY", "").split(",") if n] or None
 CASES = bench.cases(_NAMES, smoke=SMOKE)
+ROUNDS = int(os.environ.get("TWINOPS_BENCH_ROUNDS", "20"))
 _ROWS_FILE = os.environ.get("TWINOPS_BENCH_ROWS")  # JSON lines, one row per case, for the caller
 
 
@@ -39,7 +40,7 @@ def test_speed(benchmark, case):
         for _ in range(3):  # warm-up: compile, autotune, caches
             run()
         timer = bench.CudaTimer(run)
-        benchmark.pedantic(timer, rounds=25, iterations=1, warmup_rounds=2)
+        benchmark.pedantic(timer, rounds=ROUNDS, iterations=1, warmup_rounds=2)
         r = bench.row(case, arrays, bench.median(timer.samples[2:] or timer.samples), bench.extra_peak_mib(run))
     benchmark.extra_info.update(r)
     _record(r)

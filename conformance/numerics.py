@@ -63,7 +63,7 @@ def compare(
         return Comparison(False, np.inf, np.inf, None, f"shape {acc.shape} != reference shape {ref.shape}")
     # A finite reference value beyond the dtype's range is expected to overflow to ±inf.
     overflow = np.isfinite(ref) & np.isinf(round_to_dtype(ref, dtype))
-    ref = np.where(overflow, np.sign(ref) * np.inf, ref)
+    ref = np.where(overflow, np.copysign(np.inf, ref), ref)
     nan_acc, nan_ref = np.isnan(acc), np.isnan(ref)
     if (nan_acc != nan_ref).any():
         idx = tuple(int(i) for i in np.argwhere(nan_acc != nan_ref)[0])
@@ -83,7 +83,10 @@ def compare(
     rtol, atol = tolerance.rtol[dtype], tolerance.atol[dtype]
     with np.errstate(invalid="ignore", over="ignore"):
         err = np.where(finite, np.abs(acc - np.where(finite, ref, 0.0)), 0.0)
-    allowed = atol * np.sqrt(max(reduction_length, 1)) + rtol * np.abs(np.where(finite, ref, 0.0))
+    atol_scale = 1.0
+    if tolerance.atol_scales_with_row and ref.ndim >= 1:
+        atol_scale = np.maximum(1.0, np.max(np.abs(np.where(finite, ref, 0.0)), axis=-1, keepdims=True))
+    allowed = atol * atol_scale * np.sqrt(max(reduction_length, 1)) + rtol * np.abs(np.where(finite, ref, 0.0))
     if baseline is not None and dtype in ("float16", "bfloat16"):
         base = np.asarray(baseline, dtype=np.float64)
         base_err = np.where(finite & np.isfinite(base), np.abs(base - ref), 0.0)

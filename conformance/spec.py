@@ -57,6 +57,8 @@ class Tolerance:
     """Per-dtype tolerance: ``|acc - ref| <= atol * sqrt(n) + rtol * |ref|`` elementwise.
 
     ``n`` is the reduction length the spec reports for the output (1 for elementwise results).
+    With ``atol_scales_with_row`` the absolute part is relative to the largest reference entry of
+    each row (for gradients whose entries are sums of terms far larger than some results).
     For 16-bit dtypes an element also passes when the error is no worse than ``baseline_factor``
     times the eager baseline's error on the same inputs plus ``atol`` (the "no worse than naive"
     rule). ``reasons`` explains every value that departs from the library default.
@@ -65,6 +67,7 @@ class Tolerance:
     rtol: Mapping[str, float]
     atol: Mapping[str, float]
     baseline_factor: float = 2.0
+    atol_scales_with_row: bool = False  # atol times max(1, max |ref| over the last axis)
     reasons: Sequence[str] = ()
 
 
@@ -122,6 +125,7 @@ class Spec:
     bench_cases: Sequence[BenchCase] = ()
     bytes_moved: Callable[[dict, int, str], float] | None = None  # (arrays, itemsize, direction)
     flops: Callable[[dict, str], float] | None = None
+    fd_skip: Callable[[Sample], str | None] = lambda sample: None  # reason when FD cannot check a sample
     fd_function: Callable[[dict, dict], Callable] | None = None  # what finite differences differentiate, if not the output
     output_dtypes: Sequence[str] = ("input",)  # per output: "input" (the float input dtype) or a dtype name
     grad_output_index: int | None = None  # which output of a tuple is differentiated (None: single output)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU lane in one go, for a machine with a CUDA GPU and torch/triton/pytest already installed:
-# install twinops, run tests/gpu (bf16 conformance, torch.compile fullgraph, >2**31 offsets), then the
-# benchmarks. Results go to $OUT (default: reports/gpu) as they are produced, so a time-out keeps them.
+# install twinops, run tests/gpu (fp32 + bf16 conformance of the compiled kernels, torch.compile
+# fullgraph, >2**31-element offsets), then the benchmarks. Results go to $OUT (default reports/gpu)
+# as they are produced, so a time-out keeps what was measured (bench_rows.jsonl, one row per case).
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-reports/gpu}
@@ -12,11 +13,14 @@ pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0])"
+  python -c "from twinops.conformance import bench; print('copy_gbps', bench.copy_bandwidth_gbps())"
   git rev-parse HEAD 2>/dev/null || echo "git sha: unknown"
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
-timeout "${GPU_LANE_TIMEOUT:-240}" python -m pytest -q -p no:cacheprovider -rA tests/gpu 2>&1 | tail -n 60 > "$OUT/gpu_lane.log"
-tail -n 25 "$OUT/gpu_lane.log"
-TWINOPS_BENCH_ROWS="$OUT/bench_rows.jsonl" twinops bench --out "$OUT" > "$OUT/bench.log" 2>&1
-tail -n 5 "$OUT/bench.log"
+timeout "${GPU_LANE_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -rA --durations=10 tests/gpu > "$OUT/gpu_lane.log" 2>&1
+echo "gpu lane exit: $?"
+grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_lane.log" | tail -n 30
+TWINOPS_BENCH_ROWS="$OUT/bench_rows.jsonl" timeout "${BENCH_TIMEOUT:-330}" twinops bench --out "$OUT" > "$OUT/bench.log" 2>&1
+echo "bench exit: $?"
+wc -l "$OUT/bench_rows.jsonl"
 ls "$OUT"

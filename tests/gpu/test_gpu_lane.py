@@ -33,9 +33,11 @@ def _loss(out):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_conformance_all_dtypes(name):
+def test_conformance_compiled_kernels(name):
+    """fp32 and bf16 (which the interpreter gets wrong) through the compiled kernels, with the gpu
+    profile's sizes (4096-wide blocks ± 1, vocabulary-sized rows)."""
     spec = registry.get(name)
-    report = check_port(spec, spec.accelerated_fn(), dtypes=("float32", "float16", "bfloat16"),
+    report = check_port(spec, spec.accelerated_fn(), dtypes=("float32", "bfloat16"),
                         profile=PROFILE, max_examples=EXAMPLES)
     print(report)
     assert report.ok, str(report)
