@@ -9,7 +9,8 @@ OUT=${OUT:-reports/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+  || pip install -q --no-deps --no-build-isolation . >> "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0])"
@@ -20,7 +21,7 @@ cat "$OUT/environment.txt"
 timeout "${GPU_LANE_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -rA --durations=10 tests/gpu > "$OUT/gpu_lane.log" 2>&1
 echo "gpu lane exit: $?"
 grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_lane.log" | tail -n 30
-TWINOPS_BENCH_ROWS="$OUT/bench_rows.jsonl" timeout "${BENCH_TIMEOUT:-330}" twinops bench --out "$OUT" > "$OUT/bench.log" 2>&1
+TWINOPS_BENCH_ROWS="$OUT/bench_rows.jsonl" timeout "${BENCH_TIMEOUT:-330}" python -m twinops.conformance bench --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench exit: $?"
 wc -l "$OUT/bench_rows.jsonl"
 ls "$OUT"
