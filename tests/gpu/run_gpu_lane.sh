@@ -9,8 +9,8 @@ OUT=${OUT:-reports/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
-  || pip install -q --no-deps --no-build-isolation . >> "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+  || python -m pip install -q --no-deps --no-build-isolation . >> "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0])"
