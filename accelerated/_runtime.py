@@ -7,6 +7,7 @@ label out of range) happen inside the kernels, which mark the affected rows NaN.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -25,13 +26,25 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def max_block() -> int:
-    return INTERPRETER_BLOCK if interpreting() else GPU_BLOCK
+@dataclass(frozen=True)
+class RowLaunch:
+    """Widest class chunk and warps of a row-wise kernel on the GPU. Each technique sets its own
+    from the tuning sweep (``tests/gpu/sweep_blocks.py``, results in ``docs/benchmarks/``)."""
+
+    block: int = GPU_BLOCK
+    warps: int = 8
 
 
-def block_for(n: int) -> int:
-    """Power-of-two chunk width for rows of ``n`` elements (at least 16, at most ``max_block()``)."""
-    return max(16, min(max_block(), 1 << max(0, (n - 1).bit_length())))
+SWEEP: RowLaunch | None = None  # set by the tuning sweep to override every technique's choice
+
+
+def row_launch(n: int, tuned: RowLaunch = RowLaunch()) -> dict:
+    """``BLOCK_C`` (a power of two, 16 to the tuned width; 32 under the interpreter) and
+    ``num_warps`` for rows of ``n`` elements, as launch keyword arguments."""
+    tuned = SWEEP or tuned
+    cap = INTERPRETER_BLOCK if interpreting() else tuned.block
+    block = max(16, min(cap, 1 << max(0, (n - 1).bit_length())))
+    return {"BLOCK_C": block, "num_warps": min(tuned.warps, max(1, block // 256))}
 
 
 def check_tensor(x, name: str) -> torch.Tensor:
@@ -106,9 +119,3 @@ def reduce_rows(row_loss: torch.Tensor, row_weight: torch.Tensor, reduction: str
     else:
         out = row_loss.sum() / row_weight.sum()
     return out.to(dtype)
-
-
-def num_warps_for(n: int) -> int:
-    """Warps per row program: enough lanes to keep ``block_for(n)`` loads in flight."""
-    block = block_for(n)
-    return 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1

@@ -49,6 +49,11 @@ __all__ = ["ldr_kl_loss", "aldr_kl_loss", "LDRKLLoss", "ALDRKLLoss"]
 
 HAS_TRITON_BACKWARD = True
 
+# Chunk width x warps per row program; kept at 4096 x 8 warps: no other pair was better in every dtype and direction on an H200.
+LAUNCH = rt.RowLaunch(block=4096, warps=8)
+# ALDR's three-pass forward: 1024 x 4 warps reached 64% of copy bandwidth (fp32) against 57% at 4096 x 8.
+ALDR_FORWARD_LAUNCH = rt.RowLaunch(block=1024, warps=4)
+
 PROB_FLOOR = tl.constexpr(1e-5)  # added to the ALDR softmax before renormalising, as in the reference
 _STATS = 3  # per-row floats the forward saves: mx, w, q (see the module docstring)
 
@@ -258,7 +263,7 @@ def _ldr_kl_rows(
         _ldr_kl_forward_kernel[(n,)](
             logits, logits.stride(0), logits.stride(1), target, target.stride(0),
             loss, row_weight, stats, c, margin, lam, math.log(c), ignore_index,
-            BLOCK_C=rt.block_for(c), num_warps=rt.num_warps_for(c),
+            **rt.row_launch(c, LAUNCH),
         )
     return loss, row_weight, stats
 
@@ -283,7 +288,7 @@ def _aldr_kl_rows(
             logits, logits.stride(0), logits.stride(1), target, target.stride(0),
             lam_prev, lam_prev.stride(0), loss, row_weight, lam_new, stats,
             c, margin, lam0, alpha, math.log(c), ignore_index,
-            BLOCK_C=rt.block_for(c), num_warps=rt.num_warps_for(c),
+            **rt.row_launch(c, ALDR_FORWARD_LAUNCH),
         )
     return loss, row_weight, lam_new, stats
 
@@ -310,7 +315,7 @@ def _ldr_kl_rows_backward(
             grad_loss, grad_loss.stride(0), logits, logits.stride(0), logits.stride(1),
             target, target.stride(0), lam_arg, lam_arg.stride(0) if per_row else 0, stats,
             grad_logits, grad_logits.stride(0), grad_logits.stride(1), c, lam, ignore_index,
-            PER_ROW_LAM=per_row, BLOCK_C=rt.block_for(c), num_warps=rt.num_warps_for(c),
+            PER_ROW_LAM=per_row, **rt.row_launch(c, LAUNCH),
         )
     return grad_logits
 

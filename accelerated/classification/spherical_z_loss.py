@@ -36,6 +36,9 @@ __all__ = ["spherical_z_loss", "SphericalZLoss"]
 
 HAS_TRITON_BACKWARD = True
 
+# Chunk width x warps per row program; 2048 x 8 warps: 51% / 72% of copy bandwidth on an H200 (fp32 fwd / fwd+bwd), against 36% / 52% at 4096.
+LAUNCH = rt.RowLaunch(block=2048, warps=8)
+
 # Floats a row the forward saves for the backward: o_c, m, and the gradient coefficients
 # -dl/do_c, "const" and "slope" (dl/do_k = const - slope * e_k for k != c).
 NUM_STATS = 5
@@ -171,7 +174,7 @@ def _spherical_z_rows(
         _spherical_z_forward_kernel[(n,)](
             logits, logits.stride(0), logits.stride(1), target, target.stride(0),
             loss, row_weight, stats, c, a, b, eps, ignore_index,
-            NUM_STATS=NUM_STATS, BLOCK_C=rt.block_for(c), num_warps=rt.num_warps_for(c),
+            NUM_STATS=NUM_STATS, **rt.row_launch(c, LAUNCH),
         )
     return loss, row_weight, stats
 
@@ -194,7 +197,7 @@ def _spherical_z_rows_backward(
             grad_loss, grad_loss.stride(0), logits, logits.stride(0), logits.stride(1),
             target, target.stride(0), stats,
             grad_logits, grad_logits.stride(0), grad_logits.stride(1), c, ignore_index,
-            NUM_STATS=NUM_STATS, BLOCK_C=rt.block_for(c), num_warps=rt.num_warps_for(c),
+            NUM_STATS=NUM_STATS, **rt.row_launch(c, LAUNCH),
         )
     return grad_logits
 

@@ -30,8 +30,7 @@ for name in (sys.argv[1:] or registry.names()):
         extra = {"lam_prev": torch.full((N,), 0.8, device="cuda")} if name == "aldr_kl_loss" else {}
         xg = x.clone().requires_grad_(True)
         for block, warps in CONFIGS:
-            rt.GPU_BLOCK = block
-            rt.num_warps_for = lambda n, w=warps: w
+            rt.SWEEP = rt.RowLaunch(block, warps)
             for direction in ("fwd", "fwd+bwd"):
                 if direction == "fwd":
                     run = lambda: fn(x, t, **extra)
