@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import statistics
 import subprocess
 from dataclasses import dataclass
@@ -214,8 +215,9 @@ def environment(smoke: bool) -> dict:
     import torch
     import triton
 
+    sha = os.environ.get("TWINOPS_GIT_SHA")  # a copy of the tree without .git (a remote GPU) passes it
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        sha = sha or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         sha = None

@@ -327,7 +327,8 @@ def _run_device(run: dict) -> str:
 def _run_versions(run: dict) -> str:
     copy = f", measured device copy {run['copy_gbps']:.0f} GB/s" if run.get("copy_gbps") else ""
     sha = str(run.get("git_sha") or "")[:10]
-    return f"torch {run.get('torch', '?')}, triton {run.get('triton', '?')}, commit `{sha}`{copy}"
+    note = f". {run['note']}" if run.get("note") else ""
+    return f"torch {run.get('torch', '?')}, triton {run.get('triton', '?')}, commit `{sha}`{copy}{note}"
 
 
 BENCH_COLUMNS = ["case", "dtype", "direction", "provider", "ms", "GB/s", "% of copy", "vs eager", "vs compile", "extra peak MiB"]

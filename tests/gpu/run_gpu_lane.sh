@@ -9,13 +9,15 @@ OUT=${OUT:-reports/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
+# Without .git here (a copied tree), pass the commit: TWINOPS_GIT_SHA=$(git rev-parse HEAD).
+export TWINOPS_GIT_SHA=${TWINOPS_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || true)}
 python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || python -m pip install -q --no-deps --no-build-isolation . >> "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0])"
   python -c "from twinops.conformance import bench; print('copy_gbps', bench.copy_bandwidth_gbps())"
-  git rev-parse HEAD 2>/dev/null || echo "git sha: unknown"
+  echo "git sha: ${TWINOPS_GIT_SHA:-unknown}"
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 timeout "${GPU_LANE_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -rA --durations=10 tests/gpu > "$OUT/gpu_lane.log" 2>&1
