@@ -1,5 +1,5 @@
 """twinops.accelerated — Triton kernels under PyTorch, with the same names, arguments and defaults
-as :mod:`twinops.reference`. Autograd-aware and ``torch.compile(fullgraph=True)``-safe: every
+as `twinops.reference`. Autograd-aware and ``torch.compile(fullgraph=True)``-safe: every
 operation is a ``torch.library`` custom op with a registered backward."""
 
 from . import classification

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reference._checks import REDUCTIONS
+from ..reference._checks import REDUCTIONS, check_int
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
@@ -107,6 +107,18 @@ def check_reduction(reduction) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
+
+
+def check_row_loss(logits, target, ignore_index, reduction) -> int:
+    """The host-side checks every row-wise loss makes: (N, C) floating logits, (N,) integer labels,
+    an int ``ignore_index``, a known reduction, both tensors on one usable device. Returns
+    ``ignore_index``. Label values are checked by the kernels (invalid rows come out NaN)."""
+    check_logits(logits)
+    check_target(target, logits.shape[0])
+    ignore_index = check_int(ignore_index, "ignore_index")
+    check_reduction(reduction)
+    check_device(("logits", logits), ("target", target))
+    return ignore_index
 
 
 def reduce_rows(row_loss: torch.Tensor, row_weight: torch.Tensor, reduction: str, dtype: torch.dtype):

@@ -3,7 +3,7 @@
 On a GPU every call is timed with CUDA events after flushing the L2 cache (a 256 MiB write),
 and the median is reported with the byte model's GB/s and its percentage of a device-to-device
 copy measured in the same run, plus the op's extra peak memory (allocation delta, inputs
-excluded). pytest-benchmark drives the rounds (see :mod:`twinops.conformance.benchsuite`) so runs
+excluded). pytest-benchmark drives the rounds (see `twinops.conformance.benchsuite`) so runs
 compare with ``--benchmark-compare``; the rows below are the one JSON schema (``twinops-bench/1``)
 the report and the docs read.
 

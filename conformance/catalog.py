@@ -1,8 +1,8 @@
 """The paper catalog: the 62 papers twinops draws from, and the techniques planned for each.
 
 The catalog ships as package data (``twinops/conformance/data/papers.json``) so that the docs and
-the CLI can show coverage without the design notes at hand. :func:`papers` reads it;
-:func:`technique_status` says whether a technique is registered yet.
+the CLI can show coverage without the design notes at hand. `papers` reads it;
+`technique_status` says whether a technique is registered yet.
 
 The JSON is generated from the paper list and the technique table::
 

@@ -4,7 +4,7 @@
         twinops_check("comp_sum_loss", my_comp_sum_loss)            # PyTorch port
         twinops_check("comp_sum_loss", jax_fn, to_native=jnp.asarray, to_numpy=np.asarray)
 
-``twinops_check`` runs :func:`twinops.conformance.check_port` with the profile given by
+``twinops_check`` runs `twinops.conformance.check_port` with the profile given by
 ``--twinops-profile`` (default ``ci``) and fails the test with the report when it does not pass.
 """
 

@@ -1,6 +1,6 @@
-"""The technique registry: every :class:`~twinops.conformance.spec.Spec`, by name.
+"""The technique registry: every `twinops.conformance.spec.Spec`, by name.
 
-Specs live in :mod:`twinops.conformance.specs` (one module per family); importing a spec module
+Specs live in `twinops.conformance.specs` (one module per family); importing a spec module
 registers its specs. Reading the registry imports neither torch nor triton.
 """
 

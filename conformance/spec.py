@@ -1,9 +1,9 @@
 """The declarative description of a technique (think PyTorch's OpInfo).
 
-A :class:`Spec` names the reference, the accelerated function and the eager baseline, how to
+A `Spec` names the reference, the accelerated function and the eager baseline, how to
 draw valid inputs, which inputs carry gradients, the tolerance table, the bad inputs with the
 error each must raise, and the benchmark shapes with their byte / FLOP model. The engine in
-:mod:`twinops.conformance.check` runs any implementation (ours or a port) against it.
+`twinops.conformance.check` runs any implementation (ours or a port) against it.
 
 Implementations are referred to by dotted path (``"module:function"``) so that reading a spec
 imports neither torch nor triton.
@@ -81,7 +81,7 @@ DEFAULT_TOLERANCE = Tolerance(
 class BadInput:
     """An invalid call and the error it must raise.
 
-    ``make()`` returns ``(arrays, kwargs)`` as in a :class:`Sample` (float arrays are cast to
+    ``make()`` returns ``(arrays, kwargs)`` as in a `Sample` (float arrays are cast to
     float32). ``data_dependent`` marks errors that only show in tensor *values* (a label out of
     range): device code cannot raise those without a synchronisation, so an implementation passes
     by raising the error *or* by returning NaN at ``nan_positions`` (a boolean mask over the

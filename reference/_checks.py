@@ -55,6 +55,22 @@ def as_class_weight(weight, name: str, num_classes: int) -> np.ndarray | None:
     return arr.astype(np.float64)
 
 
+def row_loss_inputs(logits, target, ignore_index, reduction):
+    """Validated inputs of a row-wise classification loss.
+
+    Returns the (N, C) float64 logits with ignored rows zeroed (so their values, NaN included, cannot
+    reach the result), the labels with ignored rows set to class 0, and the (N,) mask of rows that
+    are not ignored.
+    """
+    z = as_float_matrix(logits, "logits")
+    n, c = z.shape
+    ignore_index = check_int(ignore_index, "ignore_index")
+    y = as_labels(target, "target", n, c, ignore_index)
+    check_reduction(reduction)
+    active = y != ignore_index
+    return np.where(active[:, None], z, 0.0), np.where(active, y, 0), active
+
+
 def check_reduction(reduction) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -61,3 +61,11 @@ def expm1(x):
     p = p * x + 0.5
     p = p * x + 1.0
     return tl.where(tl.abs(x) < 0.5, p * x, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def log1p(t):
+    """log(1 + t) for t > -1 to a few ulps (Goldberg): log(u) * t / (u - 1) with u = 1 + t rounded, which
+    cancels the rounding of u (t itself when u rounds to 1)."""
+    u = 1.0 + t
+    return tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))

@@ -1,5 +1,5 @@
 """Comp-sum losses (P13) as Triton kernels: one read of the logits forward, one read and one
-write backward. See :mod:`twinops.reference.classification.comp_sum_loss` for the definition.
+write backward. See `twinops.reference.classification.comp_sum_loss` for the definition.
 
 Forward, per row i:   lse_i = logsumexp(z_i),  log p_y = z_iy - lse_i,
                       loss_i = w_y * (-log p_y)                       (tau = 1)
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...reference._checks import check_int, check_real
+from ...reference._checks import check_real
 from .. import _runtime as rt
 from ._rowwise import expm1, load_label, row_logsumexp
 
@@ -163,25 +163,21 @@ _comp_sum_rows.register_autograd(_backward, setup_context=_setup_context)
 def comp_sum_loss(logits, target, *, tau=1.0, weight=None, ignore_index=-100, reduction="mean"):
     """Comp-sum loss of P13 (CE at ``tau=1``, GCE, MAE at ``tau=2``, exp at ``tau=0``), on the GPU.
 
-    Same arguments and semantics as :func:`twinops.reference.classification.comp_sum_loss`;
+    Same arguments and semantics as `twinops.reference.classification.comp_sum_loss`;
     returns the input dtype. Labels outside [0, C) that are not ``ignore_index`` give NaN for
     their row (and so for a mean or sum) instead of an error, since checking them would
     synchronise the device.
     """
-    logits = rt.check_logits(logits)
-    n, c = logits.shape
-    target = rt.check_target(target, n)
-    weight = rt.check_class_weight(weight, c)
+    ignore_index = rt.check_row_loss(logits, target, ignore_index, reduction)
+    weight = rt.check_class_weight(weight, logits.shape[1])
+    rt.check_device(("logits", logits), ("weight", weight))
     tau = check_real(tau, "tau", low=0.0)
-    ignore_index = check_int(ignore_index, "ignore_index")
-    rt.check_reduction(reduction)
-    rt.check_device(("logits", logits), ("target", target), ("weight", weight))
     loss, row_weight, _ = _comp_sum_rows(logits, target, weight, tau, ignore_index)
     return rt.reduce_rows(loss, row_weight, reduction, logits.dtype)
 
 
 class CompSumLoss(torch.nn.Module):
-    """``nn.Module`` form of :func:`comp_sum_loss`."""
+    """``nn.Module`` form of `comp_sum_loss`."""
 
     def __init__(self, *, tau=1.0, weight=None, ignore_index=-100, reduction="mean"):
         super().__init__()

@@ -1,5 +1,5 @@
 """LDR-KL and ALDR-KL losses (P42) as Triton kernels. See
-:mod:`twinops.reference.classification.ldr_kl_loss` for the definition.
+`twinops.reference.classification.ldr_kl_loss` for the definition.
 
 With d_k = x_k - x_y + c [k != y] (so d_y = 0) and temperature lam, per row i:
 
@@ -41,9 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...reference._checks import check_int, check_real
+from ...reference._checks import check_real
 from .. import _runtime as rt
-from ._rowwise import expm1, load_label
+from ._rowwise import expm1, load_label, log1p
 
 __all__ = ["ldr_kl_loss", "aldr_kl_loss", "LDRKLLoss", "ALDRKLLoss"]
 
@@ -77,13 +77,6 @@ def _row_max_sumexp(row_ptr, stride_col, C, inv_temp, BLOCK_C: tl.constexpr):
         s = s * tl.exp((mx - shift) * inv_temp) + tl.sum(tl.exp((x - shift) * inv_temp), axis=0)
         mx = m_new
     return mx, s
-
-
-@triton.jit
-def _log1p(z):
-    """log(1 + z) for z > -1, keeping the digits of a small z (Goldberg's correction)."""
-    u = 1.0 + z
-    return tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
 
 
 @triton.jit
@@ -126,7 +119,7 @@ def _ldr_row(row_ptr, stride_col, C, y, margin, lam, log_k, BLOCK_C: tl.constexp
     # S - K as a sum of terms that are all <= 0, so it keeps its digits when S is close to K
     k_float = C * 1.0
     excess = em * a + (k_float - 1.0) * expm1(t) + expm1(r)
-    log_mean = tl.where(excess > -0.5 * k_float, _log1p(excess / k_float), tl.log(total) - log_k)
+    log_mean = tl.where(excess > -0.5 * k_float, log1p(excess / k_float), tl.log(total) - log_k)
     loss = big + lam * log_mean
     w = t - tl.log(total)                    # log p_k = (x_k - mx) / lam + w for k != y
     q = rest / total                         # 1 - p_y
@@ -373,19 +366,14 @@ def _check_lam_prev(lam_prev, n: int) -> torch.Tensor:
 def ldr_kl_loss(logits, target, *, margin=0.1, lam=1.0, ignore_index=-100, reduction="mean"):
     """LDR-KL loss of P42, ``lam * log mean_k exp(d_k / lam)``, on the GPU.
 
-    Same arguments and semantics as :func:`twinops.reference.classification.ldr_kl_loss`;
+    Same arguments and semantics as `twinops.reference.classification.ldr_kl_loss`;
     returns the input dtype. Labels outside [0, C) that are not ``ignore_index`` give NaN for
     their row (and so for a mean or sum) instead of an error, since checking them would
     synchronise the device.
     """
-    logits = rt.check_logits(logits)
-    n, _ = logits.shape
-    target = rt.check_target(target, n)
+    ignore_index = rt.check_row_loss(logits, target, ignore_index, reduction)
     margin = check_real(margin, "margin", low=0.0)
     lam = check_real(lam, "lam", low=0.0, low_open=True)
-    ignore_index = check_int(ignore_index, "ignore_index")
-    rt.check_reduction(reduction)
-    rt.check_device(("logits", logits), ("target", target))
     loss, row_weight, _ = _ldr_kl_rows(logits, target, margin, lam, ignore_index)
     return rt.reduce_rows(loss, row_weight, reduction, logits.dtype)
 
@@ -394,7 +382,7 @@ def aldr_kl_loss(logits, target, lam_prev, *, margin=0.1, lam0=1.0, alpha=2.0, i
                  reduction="mean"):
     """ALDR-KL loss of P42 on the GPU; returns ``(loss, lam_new)``.
 
-    Same arguments and semantics as :func:`twinops.reference.classification.aldr_kl_loss`. ``loss``
+    Same arguments and semantics as `twinops.reference.classification.aldr_kl_loss`. ``loss``
     has the input dtype; ``lam_new`` is float32 of shape (N,), detached, and the caller stores it
     (``state[ids] = lam_new``); ``lam_prev`` is only read. ``lam_prev`` must be a floating tensor of
     shape (N,) on the logits' device (any floating dtype; it is read in fp32). Its values, like the
@@ -405,22 +393,18 @@ def aldr_kl_loss(logits, target, lam_prev, *, margin=0.1, lam0=1.0, alpha=2.0, i
     ``lam_new`` as a constant, as the reference's ``aldr_kl_loss_grad`` does; none flows to
     ``lam_prev``.
     """
-    logits = rt.check_logits(logits)
-    n, _ = logits.shape
-    target = rt.check_target(target, n)
-    lam_prev = _check_lam_prev(lam_prev, n)
+    ignore_index = rt.check_row_loss(logits, target, ignore_index, reduction)
+    lam_prev = _check_lam_prev(lam_prev, logits.shape[0])
+    rt.check_device(("logits", logits), ("lam_prev", lam_prev))
     margin = check_real(margin, "margin", low=0.0)
     lam0 = check_real(lam0, "lam0", low=0.0, low_open=True)
     alpha = check_real(alpha, "alpha", low=1.0, low_open=True)
-    ignore_index = check_int(ignore_index, "ignore_index")
-    rt.check_reduction(reduction)
-    rt.check_device(("logits", logits), ("target", target), ("lam_prev", lam_prev))
     loss, row_weight, lam_new, _ = _aldr_kl_rows(logits, target, lam_prev, margin, lam0, alpha, ignore_index)
     return rt.reduce_rows(loss, row_weight, reduction, logits.dtype), lam_new
 
 
 class LDRKLLoss(torch.nn.Module):
-    """``nn.Module`` form of :func:`ldr_kl_loss`."""
+    """``nn.Module`` form of `ldr_kl_loss`."""
 
     def __init__(self, *, margin=0.1, lam=1.0, ignore_index=-100, reduction="mean"):
         super().__init__()
@@ -432,7 +416,7 @@ class LDRKLLoss(torch.nn.Module):
 
 
 class ALDRKLLoss(torch.nn.Module):
-    """``nn.Module`` form of :func:`aldr_kl_loss`.
+    """``nn.Module`` form of `aldr_kl_loss`.
 
     It holds no state: the per-sample temperatures belong to the training set, not to the loss, so
     the caller keeps them (e.g. ``state = torch.full((num_train,), lam0, device=...)``), passes

@@ -1,5 +1,5 @@
 """Spherical Z-loss (P5) as Triton kernels: one read of the logits forward, one read and one write
-backward. See :mod:`twinops.reference.classification.spherical_z_loss` for the definition.
+backward. See `twinops.reference.classification.spherical_z_loss` for the definition.
 
 Forward, per row i with label c: the logits are shifted by the target logit, D_k = o_k - o_c, and
 one pass of Welford/Chan merges over the C chunks gives the mean m and the sum of squared
@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...reference._checks import check_int, check_real
+from ...reference._checks import check_real
 from .. import _runtime as rt
-from ._rowwise import load_label
+from ._rowwise import load_label, log1p
 
 __all__ = ["spherical_z_loss", "SphericalZLoss"]
 
@@ -42,14 +42,6 @@ LAUNCH = rt.RowLaunch(block=2048, warps=8)
 # Floats a row the forward saves for the backward: o_c, m, and the gradient coefficients
 # -dl/do_c, "const" and "slope" (dl/do_k = const - slope * e_k for k != c).
 NUM_STATS = 5
-
-
-@triton.jit
-def _log1p(t):
-    """log(1 + t) for t >= 0 to a few ulps: log(u) * t / (u - 1) with u = 1 + t rounded, which
-    cancels the rounding of u (t itself when u rounds to 1)."""
-    u = 1.0 + t
-    return tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))
 
 
 @triton.jit
@@ -103,7 +95,7 @@ def _spherical_z_forward_kernel(
     # softplus(x) = max(x, 0) + log1p(exp(-|x|)) and sigmoid(x), sharing exp(-|x|).
     x = a * (b - z_c)
     t = tl.exp(-tl.abs(x))
-    loss = (tl.maximum(x, 0.0) + _log1p(t)) / a
+    loss = (tl.maximum(x, 0.0) + log1p(t)) / a
     s = tl.where(x >= 0.0, 1.0, t) / (1.0 + t)
 
     # Gradient coefficients (module docstring); sigma = 0 takes the reference's limit.
@@ -227,26 +219,21 @@ _spherical_z_rows.register_autograd(_backward, setup_context=_setup_context)
 def spherical_z_loss(logits, target, *, a=1.0, b=0.0, eps=1e-6, ignore_index=-100, reduction="mean"):
     """Z-loss of P5 (de Brébisson & Vincent): softplus(a (b - z_c)) / a on standardised logits, on the GPU.
 
-    Same arguments and semantics as :func:`twinops.reference.classification.spherical_z_loss`;
+    Same arguments and semantics as `twinops.reference.classification.spherical_z_loss`;
     returns the input dtype. Labels outside [0, C) that are not ``ignore_index`` give NaN for
     their row (and so for a mean or sum) instead of an error, since checking them would
     synchronise the device.
     """
-    logits = rt.check_logits(logits)
-    n, _ = logits.shape
-    target = rt.check_target(target, n)
+    ignore_index = rt.check_row_loss(logits, target, ignore_index, reduction)
     a = check_real(a, "a", low=0.0, low_open=True)
     b = check_real(b, "b")
     eps = check_real(eps, "eps", low=0.0, low_open=True)
-    ignore_index = check_int(ignore_index, "ignore_index")
-    rt.check_reduction(reduction)
-    rt.check_device(("logits", logits), ("target", target))
     loss, row_weight, _ = _spherical_z_rows(logits, target, a, b, eps, ignore_index)
     return rt.reduce_rows(loss, row_weight, reduction, logits.dtype)
 
 
 class SphericalZLoss(torch.nn.Module):
-    """``nn.Module`` form of :func:`spherical_z_loss`."""
+    """``nn.Module`` form of `spherical_z_loss`."""
 
     def __init__(self, *, a=1.0, b=0.0, eps=1e-6, ignore_index=-100, reduction="mean"):
         super().__init__()

@@ -44,32 +44,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._checks import (
-    as_class_weight,
-    as_float_matrix,
-    as_labels,
-    check_int,
-    check_real,
-    check_reduction,
-    reduce_rows,
-    reduce_rows_grad,
-)
+from .._checks import as_class_weight, check_real, reduce_rows, reduce_rows_grad, row_loss_inputs
 
 __all__ = ["comp_sum_loss", "comp_sum_loss_grad"]
 
 
 def _prepare(logits, target, tau, weight, ignore_index, reduction):
-    z = as_float_matrix(logits, "logits")
-    n, c = z.shape
-    ignore_index = check_int(ignore_index, "ignore_index")
-    y = as_labels(target, "target", n, c, ignore_index)
-    w = as_class_weight(weight, "weight", c)
+    z, y, active = row_loss_inputs(logits, target, ignore_index, reduction)
+    w = as_class_weight(weight, "weight", z.shape[1])
     tau = check_real(tau, "tau", low=0.0)
-    check_reduction(reduction)
-    active = y != ignore_index
-    y_safe = np.where(active, y, 0)
-    row_weight = np.where(active, 1.0 if w is None else w[y_safe], 0.0)
-    return z, y_safe, active, row_weight, tau
+    row_weight = np.where(active, 1.0 if w is None else w[y], 0.0)
+    return z, y, active, row_weight, tau
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -82,7 +67,7 @@ def comp_sum_loss(logits, target, *, tau=1.0, weight=None, ignore_index=-100, re
     """Comp-sum loss $\\Phi^\\tau$ of P13 (CE at ``tau=1``, GCE, MAE at ``tau=2``, exp at ``tau=0``)."""
     z, y, active, row_weight, tau = _prepare(logits, target, tau, weight, ignore_index, reduction)
     rows = np.arange(z.shape[0])
-    log_py = np.where(active, _log_softmax(np.where(active[:, None], z, 0.0))[rows, y], 0.0)
+    log_py = np.where(active, _log_softmax(z)[rows, y], 0.0)
     with np.errstate(over="ignore", invalid="ignore"):
         if tau == 1.0:
             loss = -log_py
@@ -96,7 +81,7 @@ def comp_sum_loss_grad(grad, logits, target, *, tau=1.0, weight=None, ignore_ind
     z, y, active, row_weight, tau = _prepare(logits, target, tau, weight, ignore_index, reduction)
     row_grad = reduce_rows_grad(grad, row_weight, reduction)
     n, c = z.shape
-    log_p = _log_softmax(np.where(active[:, None], z, 0.0))
+    log_p = _log_softmax(z)
     log_py = log_p[np.arange(n), y]
     with np.errstate(over="ignore", invalid="ignore"):
         power = 1.0 if tau == 1.0 else np.exp((tau - 1.0) * log_py)  # p_y^(tau-1)

@@ -73,15 +73,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._checks import (
-    as_float_matrix,
-    as_labels,
-    check_int,
-    check_real,
-    check_reduction,
-    reduce_rows,
-    reduce_rows_grad,
-)
+from .._checks import check_real, reduce_rows, reduce_rows_grad, row_loss_inputs
 
 __all__ = ["ldr_kl_loss", "ldr_kl_loss_grad", "aldr_kl_loss", "aldr_kl_loss_grad"]
 
@@ -89,15 +81,9 @@ _PROB_FLOOR = 1e-5  # added to the ALDR softmax before renormalising, as in the 
 
 
 def _prepare(logits, target, margin, ignore_index, reduction):
-    f = as_float_matrix(logits, "logits")
-    n, k = f.shape
-    ignore_index = check_int(ignore_index, "ignore_index")
-    y = as_labels(target, "target", n, k, ignore_index)
+    f, y, active = row_loss_inputs(logits, target, ignore_index, reduction)
     margin = check_real(margin, "margin", low=0.0)
-    check_reduction(reduction)
-    active = y != ignore_index
-    f = np.where(active[:, None], f, 0.0)
-    return f, np.where(active, y, 0), active, active.astype(np.float64), margin
+    return f, y, active, active.astype(np.float64), margin
 
 
 def _as_lam_prev(lam_prev, n: int) -> np.ndarray:

@@ -53,31 +53,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._checks import (
-    as_float_matrix,
-    as_labels,
-    check_int,
-    check_real,
-    check_reduction,
-    reduce_rows,
-    reduce_rows_grad,
-)
+from .._checks import check_real, reduce_rows, reduce_rows_grad, row_loss_inputs
 
 __all__ = ["spherical_z_loss", "spherical_z_loss_grad"]
 
 
 def _prepare(logits, target, a, b, eps, ignore_index, reduction):
-    o = as_float_matrix(logits, "logits")
-    n, c = o.shape
-    ignore_index = check_int(ignore_index, "ignore_index")
-    y = as_labels(target, "target", n, c, ignore_index)
+    o, y, active = row_loss_inputs(logits, target, ignore_index, reduction)
     a = check_real(a, "a", low=0.0, low_open=True)
     b = check_real(b, "b")
     eps = check_real(eps, "eps", low=0.0, low_open=True)
-    check_reduction(reduction)
-    active = y != ignore_index
-    o = np.where(active[:, None], o, 0.0)
-    return o, np.where(active, y, 0), active, active.astype(np.float64), a, b, eps
+    return o, y, active, active.astype(np.float64), a, b, eps
 
 
 def _standardise(o: np.ndarray, eps: float):
