@@ -1,8 +1,8 @@
 """The benchmark suite, run by pytest-benchmark (``twinops bench`` / ``make bench``).
 
 One test per (technique, shape, dtype, direction, provider). pytest-benchmark drives the rounds;
-on a GPU each round is timed with CUDA events after an L2 flush and the median of those goes into
-the ``twinops-bench/1`` rows (``benchmark.extra_info`` holds the same row).
+on a GPU each round is a ``triton.testing.do_bench`` median (CUDA events, L2 flushed) and the median
+of the rounds goes into the ``twinops-bench/1`` rows (``benchmark.extra_info`` holds the same row).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from . import bench
 SMOKE = not bench.gpu_available()
 _NAMES = [n for n in os.environ.get("TWINOPS_BENCH_ONLY", "").split(",") if n] or None
 CASES = bench.cases(_NAMES, smoke=SMOKE)
-ROUNDS = int(os.environ.get("TWINOPS_BENCH_ROUNDS", "20"))
+ROUNDS = int(os.environ.get("TWINOPS_BENCH_ROUNDS", "3"))  # each round is a whole do_bench
 _ROWS_FILE = os.environ.get("TWINOPS_BENCH_ROWS")  # JSON lines, one row per case, for the caller
 
 
@@ -39,8 +39,8 @@ def test_speed(benchmark, case):
     else:
         for _ in range(3):  # warm-up: compile, autotune, caches
             run()
-        timer = bench.CudaTimer(run)
-        benchmark.pedantic(timer, rounds=ROUNDS, iterations=1, warmup_rounds=2)
-        r = bench.row(case, arrays, bench.median(timer.samples[2:] or timer.samples), bench.extra_peak_mib(run))
+        timer = bench.DoBench(run)
+        benchmark.pedantic(timer, rounds=ROUNDS, iterations=1)
+        r = bench.row(case, arrays, bench.median(timer.samples), bench.extra_peak_mib(run))
     benchmark.extra_info.update(r)
     _record(r)

@@ -64,3 +64,10 @@ def test_bench_smoke_mode(tmp_path):
         for provider in ("twinops", "eager", "compile"):
             assert (name, "fwd+bwd", provider) in seen
     assert (tmp_path / "pytest-benchmark.json").exists()
+
+
+def test_reference_package_does_not_import_torch():
+    code = ("import sys, twinops.reference, twinops.reference.classification as c; "
+            "c.comp_sum_loss([[0.0, 1.0]], [1]); assert 'torch' not in sys.modules, 'torch was imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
