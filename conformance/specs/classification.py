@@ -73,6 +73,37 @@ def _row_bad_inputs(base_kwargs: dict, extra=None) -> tuple[BadInput, ...]:
     )
 
 
+def _row_loss_spec(name: str, paper: int, summary: str, *, hyper=None, edge_hypers=(), **fields) -> Spec:
+    """A row-wise loss over (N, C) logits: the four implementations are named after the technique,
+    inputs come from ``row_loss_samples`` with the technique's ``hyper`` strategy and the shared edge
+    cases at each of ``edge_hypers``; ``fields`` set or override anything else."""
+    defaults = dict(
+        family="classification",
+        reference=f"{REF}:{name}",
+        reference_grad=f"{REF}:{name}_grad",
+        accelerated=f"{ACC}:{name}",
+        baseline=f"{BASE}:{name}",
+        samples=lambda profile, dtype: row_loss_samples(profile, dtype, hyper),
+        examples=lambda: [s for h in edge_hypers for s in row_loss_edge_cases(h)],
+        grad_inputs=("logits",),
+        tolerance=ROW_LOSS_TOLERANCE,
+        reduction_length=_row_length,
+        bench_cases=_bench_cases(),
+        bytes_moved=_logits_bytes,
+    )
+    return Spec(name=name, paper=paper, summary=summary, **{**defaults, **fields})
+
+
+def _bad_hyper(name: str, value: float, rule: str, extra=None) -> BadInput:
+    def make():
+        arrays = {"logits": np.zeros((2, 3)), "target": np.array([0, 1])}
+        if extra is not None:
+            arrays.update(extra(2))
+        return arrays, {name: value}
+
+    return BadInput(f"{name} = {value:g} (must be {rule})", make, ValueError, name)
+
+
 # ---------------------------------------------------------------------------- comp_sum_loss (P13)
 
 TAUS = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -84,29 +115,17 @@ def _comp_sum_hyper(draw, scale):
     return {"tau": max(tau, 1.0) if scale > 4.0 else tau}
 
 
-COMP_SUM = Spec(
-    name="comp_sum_loss",
-    paper=13,
-    family="classification",
-    summary="Comp-sum family: cross-entropy, generalized CE, MAE and sum-exponential losses in one kernel.",
-    reference=f"{REF}:comp_sum_loss",
-    reference_grad=f"{REF}:comp_sum_loss_grad",
-    accelerated=f"{ACC}:comp_sum_loss",
-    baseline=f"{BASE}:comp_sum_loss",
+COMP_SUM = _row_loss_spec(
+    "comp_sum_loss", 13,
+    "Comp-sum family: cross-entropy, generalized CE, MAE and sum-exponential losses in one kernel.",
     samples=lambda profile, dtype: row_loss_samples(profile, dtype, _comp_sum_hyper, class_weight=True),
-    examples=lambda: [s for tau in (0.0, 1.0, 1.5) for s in row_loss_edge_cases({"tau": tau})],
-    grad_inputs=("logits",),
-    tolerance=ROW_LOSS_TOLERANCE,
-    reduction_length=_row_length,
+    edge_hypers=[{"tau": tau} for tau in (0.0, 1.0, 1.5)],
     bad_inputs=_row_bad_inputs({"tau": 1.0}) + (
-        BadInput("negative tau", lambda: ({"logits": np.zeros((2, 3)), "target": np.array([0, 1])},
-                                          {"tau": -0.5}), ValueError, "tau"),
+        _bad_hyper("tau", -0.5, ">= 0"),
         BadInput("weight of the wrong length", lambda: (
             {"logits": np.zeros((2, 3)), "target": np.array([0, 1]), "weight": np.ones(4)}, {}),
             ValueError, "weight"),
     ),
-    bench_cases=_bench_cases(),
-    bytes_moved=_logits_bytes,
     properties=("tau=1 equals torch.nn.functional.cross_entropy (tested as an independent anchor)",),
 )
 
@@ -120,11 +139,6 @@ def _spherical_z_hyper(draw, scale):
         "b": draw(st.floats(-2.0, 2.0)),
         "eps": draw(st.sampled_from((1e-6, 1e-3))),
     }
-
-
-def _positive_hyper_bad_input(name: str, value: float) -> BadInput:
-    return BadInput(f"{name} = {value:g} (must be > 0)", lambda: ({"logits": np.zeros((2, 3)), "target": np.array([0, 1])},
-                                            {name: value}), ValueError, name)
 
 
 SPHERICAL_Z_TOLERANCE = replace(
@@ -148,29 +162,18 @@ def _constant_rows(sample: Sample) -> str | None:
     return None
 
 
-SPHERICAL_Z = Spec(
-    name="spherical_z_loss",
-    paper=5,
-    family="classification",
-    summary="Z-loss: softplus loss on the target's standardised logit, invariant to shifting and scaling the logits.",
-    reference=f"{REF}:spherical_z_loss",
-    reference_grad=f"{REF}:spherical_z_loss_grad",
-    accelerated=f"{ACC}:spherical_z_loss",
-    baseline=f"{BASE}:spherical_z_loss",
-    samples=lambda profile, dtype: row_loss_samples(profile, dtype, _spherical_z_hyper),
-    examples=lambda: [s for hyper in ({"a": 1.0, "b": 0.0, "eps": 1e-6}, {"a": 2.0, "b": 0.5, "eps": 1e-3})
-                      for s in row_loss_edge_cases(hyper)],
-    grad_inputs=("logits",),
+SPHERICAL_Z = _row_loss_spec(
+    "spherical_z_loss", 5,
+    "Z-loss: softplus loss on the target's standardised logit, invariant to shifting and scaling the logits.",
+    hyper=_spherical_z_hyper,
+    edge_hypers=[{"a": 1.0, "b": 0.0, "eps": 1e-6}, {"a": 2.0, "b": 0.5, "eps": 1e-3}],
     tolerance=SPHERICAL_Z_TOLERANCE,
-    reduction_length=_row_length,
     fd_skip=_constant_rows,
     bad_inputs=_row_bad_inputs({"a": 1.0, "b": 0.0}) + (
-        _positive_hyper_bad_input("a", 0.0),
-        _positive_hyper_bad_input("a", -1.0),
-        _positive_hyper_bad_input("eps", 0.0),
+        _bad_hyper("a", 0.0, "> 0"),
+        _bad_hyper("a", -1.0, "> 0"),
+        _bad_hyper("eps", 0.0, "> 0"),
     ),
-    bench_cases=_bench_cases(),
-    bytes_moved=_logits_bytes,
 )
 
 register(COMP_SUM, SPHERICAL_Z)
@@ -259,59 +262,27 @@ def _lam_prev_bench(rng, n):
     return {"lam_prev": rng.uniform(0.5, 1.0, n).astype(np.float32)}  # lam0 = 1 (the default)
 
 
-def _bad_hyper(name: str, value: float, rule: str, extra=None) -> BadInput:
-    def make():
-        arrays = {"logits": np.zeros((2, 3)), "target": np.array([0, 1])}
-        if extra is not None:
-            arrays.update(extra(2))
-        return arrays, {name: value}
-
-    return BadInput(f"{name} = {value:g} (must be {rule})", make, ValueError, name)
-
-
 def _lam_prev_ones(n):
     return {"lam_prev": np.ones(n)}
 
 
-LDR_KL = Spec(
-    name="ldr_kl_loss",
-    paper=42,
-    family="classification",
-    summary="LDR-KL: the worst-case margin loss over label distributions with a KL penalty, lam log mean exp(d / lam).",
-    reference=f"{REF}:ldr_kl_loss",
-    reference_grad=f"{REF}:ldr_kl_loss_grad",
-    accelerated=f"{ACC}:ldr_kl_loss",
-    baseline=f"{BASE}:ldr_kl_loss",
-    samples=lambda profile, dtype: row_loss_samples(profile, dtype, _ldr_hyper),
-    examples=lambda: [s for hyper in ({"margin": 0.1, "lam": 1.0}, {"margin": 1.0, "lam": 0.1},
-                                      {"margin": 0.0, "lam": 10.0})
-                      for s in row_loss_edge_cases(hyper)],
-    grad_inputs=("logits",),
-    tolerance=ROW_LOSS_TOLERANCE,
-    reduction_length=_row_length,
+LDR_KL = _row_loss_spec(
+    "ldr_kl_loss", 42,
+    "LDR-KL: the worst-case margin loss over label distributions with a KL penalty, lam log mean exp(d / lam).",
+    hyper=_ldr_hyper,
+    edge_hypers=[{"margin": 0.1, "lam": 1.0}, {"margin": 1.0, "lam": 0.1}, {"margin": 0.0, "lam": 10.0}],
     bad_inputs=_row_bad_inputs({"margin": 0.1, "lam": 1.0}) + (
         _bad_hyper("lam", 0.0, "> 0"),
         _bad_hyper("lam", -1.0, "> 0"),
         _bad_hyper("margin", -0.1, ">= 0"),
     ),
-    bench_cases=_bench_cases(),
-    bytes_moved=_logits_bytes,
 )
 
-ALDR_KL = Spec(
-    name="aldr_kl_loss",
-    paper=42,
-    family="classification",
-    summary="ALDR-KL: LDR-KL with a per-sample temperature set from its own prediction; returns the new temperatures.",
-    reference=f"{REF}:aldr_kl_loss",
-    reference_grad=f"{REF}:aldr_kl_loss_grad",
-    accelerated=f"{ACC}:aldr_kl_loss",
-    baseline=f"{BASE}:aldr_kl_loss",
+ALDR_KL = _row_loss_spec(
+    "aldr_kl_loss", 42,
+    "ALDR-KL: LDR-KL with a per-sample temperature set from its own prediction; returns the new temperatures.",
     samples=_aldr_samples,
     examples=_aldr_edge_cases,
-    grad_inputs=("logits",),
-    tolerance=ROW_LOSS_TOLERANCE,
-    reduction_length=_row_length,
     bad_inputs=_row_bad_inputs({"margin": 0.1, "lam0": 1.0, "alpha": 2.0}, extra=_lam_prev_ones) + (
         _bad_hyper("lam0", 0.0, "> 0", _lam_prev_ones),
         _bad_hyper("lam0", -1.0, "> 0", _lam_prev_ones),
