@@ -3,28 +3,16 @@
 import numpy as np
 import pytest
 
-try:
-    from twinops.reference.classification import (
-        aldr_kl_loss,
-        aldr_kl_loss_grad,
-        comp_sum_loss,
-        comp_sum_loss_grad,
-        ldr_kl_loss,
-        ldr_kl_loss_grad,
-        spherical_z_loss,
-        spherical_z_loss_grad,
-    )
-except ImportError:  # running from a source checkout without an install
-    from reference.classification import (
-        aldr_kl_loss,
-        aldr_kl_loss_grad,
-        comp_sum_loss,
-        comp_sum_loss_grad,
-        ldr_kl_loss,
-        ldr_kl_loss_grad,
-        spherical_z_loss,
-        spherical_z_loss_grad,
-    )
+from twinops.reference.classification import (
+    aldr_kl_loss,
+    aldr_kl_loss_grad,
+    comp_sum_loss,
+    comp_sum_loss_grad,
+    ldr_kl_loss,
+    ldr_kl_loss_grad,
+    spherical_z_loss,
+    spherical_z_loss_grad,
+)
 
 REDUCTIONS = ["none", "mean", "sum"]
 IGNORE = -100
