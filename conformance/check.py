@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, settings, target
 
 from . import registry
 from .numerics import Comparison, compare, round_to_dtype
@@ -41,7 +41,7 @@ def hypothesis_settings(profile: str, max_examples: int | None = None) -> settin
         database=None,
         print_blob=True,
         suppress_health_check=list(HealthCheck),
-        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
+        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
         **options,
     )
 
@@ -234,7 +234,9 @@ def check_port(
     reference_grad = spec.reference_grad_fn()
     baseline = spec.baseline_fn() if torch_mode else None
 
-    def run_one(sample: Sample, dtype: str) -> None:
+    def run_one(sample: Sample, dtype: str) -> float:
+        """Check one sample at one dtype; returns its worst error / tolerance ratio."""
+        worst = 0.0
         values = _prepare(sample, dtype)
         expected = _outputs(reference(**values, **sample.kwargs))
         want_grad = grads_wanted and sample.grad_out is not None
@@ -266,10 +268,11 @@ def check_port(
             b = numpy_of(base_out[i]) if base_out is not None else None
             c = compare(numpy_of(g), e, dtype=dtype, tolerance=spec.tolerance, reduction_length=n, baseline=b)
             report.worst_for(dtype, "forward").update(c)
+            worst = max(worst, c.worst_ratio)
             if not c.ok:
                 raise Mismatch(f"{dtype} forward output {i}: {c.message}\n  input: {sample.describe()}")
         if not want_grad:
-            return
+            return worst
         out_index = spec.grad_output_index or 0
         grad_out = round_to_dtype(sample.grad_out, dtype)
         ref_grads = reference_grad(grad_out, **values, **sample.kwargs)
@@ -304,11 +307,13 @@ def check_port(
             c = compare(numpy_of(gg), ref_grads[k], dtype=dtype, tolerance=spec.tolerance,
                         reduction_length=n, baseline=b)
             report.worst_for(dtype, "backward").update(c)
+            worst = max(worst, c.worst_ratio)
             if not c.ok:
                 raise Mismatch(
                     f"{dtype} backward d/d{k} (upstream grad {np.round(sample.grad_out, 4).tolist()}): "
                     f"{c.message}\n  input: {sample.describe()}"
                 )
+        return worst
 
     try:
         for dtype in dtypes:
@@ -336,7 +341,9 @@ def _run_hypothesis(spec: Spec, profile: str, dtype: str, run_one, report: Repor
     @hypothesis_settings(profile, max_examples)
     @given(spec.samples(profile, dtype))
     def prop(sample):
-        run_one(sample, dtype)
+        ratio = run_one(sample, dtype)
+        if profile != "ci" and ratio is not None and np.isfinite(ratio):
+            target(float(ratio), label=f"{dtype} error / tolerance")  # steer towards the worst cases
 
     try:
         prop()

@@ -1,4 +1,4 @@
-"""The ``twinops`` command: ``list``, ``check``, ``report`` and ``bench``.
+"""The ``twinops`` command: ``list``, ``check``, ``report``, ``bench`` and ``vectors``.
 
 Without a usable GPU the accelerated kernels run through the Triton interpreter: the command
 sets ``TRITON_INTERPRET=1`` before anything imports triton (unless the variable is already set).
@@ -135,6 +135,20 @@ def cmd_report(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_vectors(args) -> int:
+    from . import vectors
+
+    if args.action == "export":
+        path = vectors.export(Path(args.dir), args.ids or None, count=args.count)
+        print(f"wrote golden vectors; index at {path}")
+        return 0
+    stale = vectors.verify(Path(args.dir))
+    for line in stale:
+        print(f"out of date: {line}")
+    print("golden vectors match the reference" if not stale else f"{len(stale)} case(s) out of date")
+    return 0 if not stale else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="twinops", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +167,12 @@ def main(argv=None) -> int:
         if name != "check":
             p.add_argument("--out", default="reports", help="folder for the JSON and Markdown files")
         p.set_defaults(func=func)
+    p = sub.add_parser("vectors", help="export or verify golden vectors for ports that cannot run Python")
+    p.add_argument("action", choices=("export", "verify"))
+    p.add_argument("dir", help="folder for the vectors (index.json, <technique>/<case>.npz + .json)")
+    p.add_argument("ids", nargs="*", metavar="ID", help="technique names (export; default: all)")
+    p.add_argument("--count", type=int, default=10, help="random cases per technique and dtype (export)")
+    p.set_defaults(func=cmd_vectors)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -71,3 +71,22 @@ def test_reference_package_does_not_import_torch():
             "c.comp_sum_loss([[0.0, 1.0]], [1]); assert 'torch' not in sys.modules, 'torch was imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_golden_vectors_export_and_verify(tmp_path):
+    out = twinops("vectors", "export", str(tmp_path), "comp_sum_loss", "aldr_kl_loss", "--count", "2")
+    assert out.returncode == 0, out.stderr
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["schema"] == "twinops-vectors/1" and len(index["cases"]) > 10
+    meta = json.loads((tmp_path / f"{index['cases'][0]}.json").read_text())
+    assert {"dtype", "kwargs", "tolerance", "reduction_length"} <= set(meta)
+    assert twinops("vectors", "verify", str(tmp_path)).returncode == 0
+
+    import numpy as np
+
+    case = tmp_path / f"{index['cases'][-1]}.npz"
+    arrays = dict(np.load(case))
+    arrays["output.0"] = arrays["output.0"] + 1e-6  # a stale expected value must be reported
+    np.savez(case, **arrays)
+    out = twinops("vectors", "verify", str(tmp_path))
+    assert out.returncode == 1 and "out of date" in out.stdout

@@ -25,26 +25,24 @@ def load_label(target_ptr, stride_target, row, C, ignore_index):
 
 
 @triton.jit
-def row_logsumexp(row_ptr, stride_col, C, y, inv_temp, margin, BLOCK_C: tl.constexpr):
-    """Online log-sum-exp over k of ``(x_k + margin * [k != y]) * inv_temp`` for one row.
+def row_max_sumexp(row_ptr, stride_col, C, inv_temp, BLOCK_C: tl.constexpr):
+    """Online max ``mx`` of a row's ``x_k`` and ``s = sum_k exp((x_k - mx) * inv_temp)``.
 
-    Keeps a running max ``m`` and a running sum ``s`` of ``exp(v - m)``; a chunk that raises the
-    max rescales ``s`` by ``exp(m_old - m_new)``. Masked lanes load ``-inf`` and contribute 0. A row
-    that is entirely ``-inf`` so far keeps ``m = -inf`` and ``s = 0`` (no ``inf - inf``); NaN
-    anywhere propagates into ``s``.
+    The max is tracked in logit units, so each exponent is a difference of two logits times
+    ``inv_temp``. A chunk that raises the max rescales ``s`` by ``exp((mx_old - mx_new) * inv_temp)``.
+    Masked lanes load ``-inf`` and contribute 0; a row of ``-inf`` keeps ``mx = -inf`` and ``s = 0``.
+    NaN or ``+inf`` in the row makes ``s`` NaN.
     """
-    m = float("-inf")
+    mx = float("-inf")
     s = 0.0
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask = cols < C
-        x = tl.load(row_ptr + cols * stride_col, mask=mask, other=float("-inf")).to(tl.float32)
-        v = (x + tl.where(cols != y, margin, 0.0)) * inv_temp
-        m_new = tl.maximum(m, tl.max(v, axis=0))
+        x = tl.load(row_ptr + cols * stride_col, mask=cols < C, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(mx, tl.max(x, axis=0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(v - shift), axis=0)
-        m = m_new
-    return m + tl.log(s)
+        s = s * tl.exp((mx - shift) * inv_temp) + tl.sum(tl.exp((x - shift) * inv_temp), axis=0)
+        mx = m_new
+    return mx, s
 
 
 @triton.jit

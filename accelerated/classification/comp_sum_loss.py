@@ -1,11 +1,13 @@
 """Comp-sum losses (P13) as Triton kernels: one read of the logits forward, one read and one
 write backward. See `twinops.reference.classification.comp_sum_loss` for the definition.
 
-Forward, per row i:   lse_i = logsumexp(z_i),  log p_y = z_iy - lse_i,
+Forward, per row i:   m_i = max_k z_ik,  s_i = sum_k exp(z_ik - m_i),  log p_y = (z_iy - m_i) - log s_i,
                       loss_i = w_y * (-log p_y)                       (tau = 1)
                       loss_i = w_y * -expm1((tau - 1) log p_y)/(tau - 1)  (tau != 1)
 Backward, per row i:  dz_ik = g_i * w_y * p_y^(tau - 1) * (p_ik - [k = y])
-The forward saves only lse_i (4 bytes a row); the backward recomputes p_ik from it.
+The forward saves (m_i, s_i), 8 bytes a row; the backward recomputes p_ik = exp(z_ik - m_i) / s_i.
+Keeping m and s apart rather than one lse = m + log s matters: at |m| ~ 50 an fp32 lse is off by
+~4e-6, which becomes the relative error of 1 - p_y (and of the loss) when p_y is close to 1.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import triton.language as tl
 
 from ...reference._checks import check_real
 from .. import _runtime as rt
-from ._rowwise import expm1, load_label, row_logsumexp
+from ._rowwise import expm1, load_label, row_max_sumexp
 
 __all__ = ["comp_sum_loss", "CompSumLoss"]
 
@@ -33,7 +35,7 @@ def _comp_sum_forward_kernel(
     weight_ptr, stride_weight,           # (C,) class weights, read only when HAS_WEIGHT
     loss_ptr,                            # out (N,) fp32: w_y * loss_i; 0 if ignored; NaN if label invalid
     row_weight_ptr,                      # out (N,) fp32: w_y (1 unweighted); 0 if ignored
-    lse_ptr,                             # out (N,) fp32: log-sum-exp of row i, for the backward
+    stats_ptr,                           # out (N, 2) fp32 contiguous: m_i and s_i, for the backward
     C, tau, ignore_index,
     HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -41,8 +43,8 @@ def _comp_sum_forward_kernel(
     row_ptr = logits_ptr + row * stride_row
     y, ignored, valid, safe = load_label(target_ptr, stride_target, row, C, ignore_index)
 
-    lse = row_logsumexp(row_ptr, stride_col, C, safe, 1.0, 0.0, BLOCK_C)
-    log_py = tl.load(row_ptr + safe * stride_col).to(tl.float32) - lse
+    m, s = row_max_sumexp(row_ptr, stride_col, C, 1.0, BLOCK_C)
+    log_py = (tl.load(row_ptr + safe * stride_col).to(tl.float32) - m) - tl.log(s)
     safe_denominator = tl.where(tau == 1.0, 1.0, tau - 1.0)
     loss = tl.where(tau == 1.0, -log_py, -expm1((tau - 1.0) * log_py) / safe_denominator)
 
@@ -52,7 +54,8 @@ def _comp_sum_forward_kernel(
     loss = tl.where(valid, w * loss, float("nan"))
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
     tl.store(row_weight_ptr + row, tl.where(ignored, 0.0, w))
-    tl.store(lse_ptr + row, lse)
+    tl.store(stats_ptr + row * 2, m)
+    tl.store(stats_ptr + row * 2 + 1, s)
 
 
 @triton.jit
@@ -61,7 +64,7 @@ def _comp_sum_backward_kernel(
     logits_ptr, stride_row, stride_col,  # (N, C) logits, as in the forward
     target_ptr, stride_target,
     weight_ptr, stride_weight,
-    lse_ptr,                             # (N,) fp32 saved by the forward
+    stats_ptr,                           # (N, 2) fp32 saved by the forward: m_i, s_i
     grad_logits_ptr, stride_grad_row, stride_grad_col,  # out (N, C) in the logits' dtype
     C, tau, ignore_index,
     HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -71,8 +74,10 @@ def _comp_sum_backward_kernel(
     out_ptr = grad_logits_ptr + row * stride_grad_row
     y, ignored, valid, safe = load_label(target_ptr, stride_target, row, C, ignore_index)
 
-    lse = tl.load(lse_ptr + row)
-    log_py = tl.load(row_ptr + safe * stride_col).to(tl.float32) - lse
+    m = tl.load(stats_ptr + row * 2)
+    s = tl.load(stats_ptr + row * 2 + 1)
+    log_py = (tl.load(row_ptr + safe * stride_col).to(tl.float32) - m) - tl.log(s)
+    inv_s = 1.0 / s
     w = 1.0
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + safe * stride_weight).to(tl.float32)
@@ -84,7 +89,7 @@ def _comp_sum_backward_kernel(
         cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
         mask = cols < C
         x = tl.load(row_ptr + cols * stride_col, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp(x - lse)
+        p = tl.exp(x - m) * inv_s
         g = factor * (p - tl.where(cols == y, 1.0, 0.0))
         g = tl.where(ignored, 0.0, g)
         tl.store(out_ptr + cols * stride_grad_col, g.to(grad_logits_ptr.dtype.element_ty), mask=mask)
@@ -103,27 +108,27 @@ def _comp_sum_rows(
     n, c = logits.shape
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     row_weight = torch.empty_like(loss)
-    lse = torch.empty_like(loss)
+    stats = torch.empty((n, 2), device=logits.device, dtype=torch.float32)
     if n > 0:
         w, w_stride, has_w = _weight_args(weight, logits.device)
         _comp_sum_forward_kernel[(n,)](
             logits, logits.stride(0), logits.stride(1), target, target.stride(0), w, w_stride,
-            loss, row_weight, lse, c, tau, ignore_index, HAS_WEIGHT=has_w, **rt.row_launch(c, LAUNCH),
+            loss, row_weight, stats, c, tau, ignore_index, HAS_WEIGHT=has_w, **rt.row_launch(c, LAUNCH),
         )
-    return loss, row_weight, lse
+    return loss, row_weight, stats
 
 
 @_comp_sum_rows.register_fake
 def _(logits, target, weight, tau, ignore_index):
     n = logits.shape[0]
     out = logits.new_empty(n, dtype=torch.float32)
-    return out, torch.empty_like(out), torch.empty_like(out)
+    return out, torch.empty_like(out), logits.new_empty((n, 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("twinops::comp_sum_loss_rows_backward", mutates_args=())
 def _comp_sum_rows_backward(
     grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-    lse: torch.Tensor, tau: float, ignore_index: int,
+    stats: torch.Tensor, tau: float, ignore_index: int,
 ) -> torch.Tensor:
     n, c = logits.shape
     grad_logits = torch.empty((n, c), device=logits.device, dtype=logits.dtype)
@@ -131,7 +136,7 @@ def _comp_sum_rows_backward(
         w, w_stride, has_w = _weight_args(weight, logits.device)
         _comp_sum_backward_kernel[(n,)](
             grad_loss, grad_loss.stride(0), logits, logits.stride(0), logits.stride(1),
-            target, target.stride(0), w, w_stride, lse,
+            target, target.stride(0), w, w_stride, stats,
             grad_logits, grad_logits.stride(0), grad_logits.stride(1), c, tau, ignore_index,
             HAS_WEIGHT=has_w, **rt.row_launch(c, LAUNCH),
         )
@@ -139,7 +144,7 @@ def _comp_sum_rows_backward(
 
 
 @_comp_sum_rows_backward.register_fake
-def _(grad_loss, logits, target, weight, lse, tau, ignore_index):
+def _(grad_loss, logits, target, weight, stats, tau, ignore_index):
     return logits.new_empty(logits.shape)
 
 
@@ -149,11 +154,11 @@ def _setup_context(ctx, inputs, output):
     ctx.tau, ctx.ignore_index = tau, ignore_index
 
 
-def _backward(ctx, grad_loss, grad_row_weight, grad_lse):
-    logits, target, weight, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_row_weight, grad_stats):
+    logits, target, weight, stats = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = _comp_sum_rows_backward(grad_loss, logits, target, weight, lse, ctx.tau, ctx.ignore_index)
+        grad = _comp_sum_rows_backward(grad_loss, logits, target, weight, stats, ctx.tau, ctx.ignore_index)
     return grad, None, None, None, None
 
 

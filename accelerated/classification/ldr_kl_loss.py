@@ -43,7 +43,7 @@ import triton.language as tl
 
 from ...reference._checks import check_real
 from .. import _runtime as rt
-from ._rowwise import expm1, load_label, log1p
+from ._rowwise import expm1, load_label, log1p, row_max_sumexp
 
 __all__ = ["ldr_kl_loss", "aldr_kl_loss", "LDRKLLoss", "ALDRKLLoss"]
 
@@ -56,27 +56,6 @@ ALDR_FORWARD_LAUNCH = rt.RowLaunch(block=1024, warps=4)
 
 PROB_FLOOR = tl.constexpr(1e-5)  # added to the ALDR softmax before renormalising, as in the reference
 _STATS = 3  # per-row floats the forward saves: mx, w, q (see the module docstring)
-
-
-@triton.jit
-def _row_max_sumexp(row_ptr, stride_col, C, inv_temp, BLOCK_C: tl.constexpr):
-    """Online max ``mx`` of a row's ``x_k`` and ``s = sum_k exp((x_k - mx) * inv_temp)``.
-
-    The max is tracked in logit units, so each exponent is a difference of two logits times
-    ``inv_temp``. A chunk that raises the max rescales ``s`` by ``exp((mx_old - mx_new) * inv_temp)``.
-    Masked lanes load ``-inf`` and contribute 0; a row of ``-inf`` keeps ``mx = -inf`` and ``s = 0``.
-    NaN or ``+inf`` in the row makes ``s`` NaN.
-    """
-    mx = float("-inf")
-    s = 0.0
-    for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        x = tl.load(row_ptr + cols * stride_col, mask=cols < C, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(mx, tl.max(x, axis=0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp((mx - shift) * inv_temp) + tl.sum(tl.exp((x - shift) * inv_temp), axis=0)
-        mx = m_new
-    return mx, s
 
 
 @triton.jit
@@ -176,7 +155,7 @@ def _aldr_kl_forward_kernel(
 
     # Pass 1: softmax(x / lam_prev) normaliser, in logit units.
     inv_prev = 1.0 / lam_prev
-    mx1, s1 = _row_max_sumexp(row_ptr, stride_col, C, inv_prev, BLOCK_C)
+    mx1, s1 = row_max_sumexp(row_ptr, stride_col, C, inv_prev, BLOCK_C)
 
     # Pass 2: kl = sum_k p'_k log(K p'_k) of the floored softmax.
     k_float = C * 1.0
