@@ -89,28 +89,18 @@ def row_loss_edge_cases(hyper_kwargs: dict, *, reductions=("mean", "sum", "none"
     for reduction in reductions:
         grad = upstream_grad(rng, (3,) if reduction == "none" else ())
         logits = rng.normal(size=(3, 5))
+        nan, ninf, pinf = logits.copy(), logits.copy(), logits.copy()
+        nan[1, 2], ninf[:, 3], pinf[2, 1] = np.nan, -np.inf, np.inf
+        cases = (
+            (logits, [-100, -100, -100], "all rows ignored"),
+            (nan, [0, 1, 4], "NaN in row 1"),
+            (nan, [0, -100, 4], "NaN in an ignored row"),
+            (ninf, [0, 1, 2], "a -inf (masked-out) class"),
+            (pinf, [0, 1, 2], "+inf in row 2"),
+            (np.full((3, 5), 2.5), [0, 3, 4], "constant rows"),
+            (rng.normal(size=(3, 1)), [0, 0, -100], "one class"),
+        )
         kw = dict(hyper_kwargs, ignore_index=-100, reduction=reduction)
-        out.append(Sample({"logits": logits, "target": np.full(3, -100)}, kw, ("logits",), grad_out=grad,
-                          note="all rows ignored"))
-        nan_logits = logits.copy()
-        nan_logits[1, 2] = np.nan
-        out.append(Sample({"logits": nan_logits, "target": np.array([0, 1, 4])}, kw, ("logits",), grad_out=grad,
-                          note="NaN in row 1"))
-        ignored_nan = nan_logits.copy()
-        out.append(Sample({"logits": ignored_nan, "target": np.array([0, -100, 4])}, kw, ("logits",),
-                          grad_out=grad, note="NaN in an ignored row"))
-        ninf = logits.copy()
-        ninf[:, 3] = -np.inf
-        out.append(Sample({"logits": ninf, "target": np.array([0, 1, 2])}, kw, ("logits",), grad_out=grad,
-                          note="a -inf (masked-out) class"))
-        pinf = logits.copy()
-        pinf[2, 1] = np.inf
-        out.append(Sample({"logits": pinf, "target": np.array([0, 1, 2])}, kw, ("logits",), grad_out=grad,
-                          note="+inf in row 2"))
-        const = np.tile(np.array([[2.5]]), (3, 5))
-        out.append(Sample({"logits": const, "target": np.array([0, 3, 4])}, kw, ("logits",), grad_out=grad,
-                          note="constant rows"))
-        one = rng.normal(size=(3, 1))
-        out.append(Sample({"logits": one, "target": np.array([0, 0, -100])}, kw, ("logits",), grad_out=grad,
-                          note="one class"))
+        out += [Sample({"logits": x, "target": np.array(t)}, kw, ("logits",), grad_out=grad, note=note)
+                for x, t, note in cases]
     return out
