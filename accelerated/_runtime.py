@@ -70,6 +70,37 @@ def check_device(*named: tuple[str, torch.Tensor | None]) -> None:
             raise ValueError(f"{name} is on {t.device} but {first[0]} is on {first[1]}")
 
 
+def check_float_tensor(x, name: str, ndim: int, shape: str) -> torch.Tensor:
+    """A float32/float16/bfloat16 tensor with ``ndim`` dimensions (``shape`` names them, e.g.
+    ``"(B, D)"``, for the message)."""
+    check_tensor(x, name)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have shape {shape}, got {x.ndim} dimensions {tuple(x.shape)}")
+    return x
+
+
+def check_int_tensor(x, name: str, shape: tuple, what: str = "labels") -> torch.Tensor:
+    """An integer tensor of exactly ``shape``."""
+    check_tensor(x, name)
+    if x.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of {what}, got {x.dtype}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    return x
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot`` on ``dtype`` inputs. fp32 follows PyTorch's own switch:
+    exact ("ieee") at ``torch.get_float32_matmul_precision() == "highest"`` (the default), TF32
+    otherwise, as ``torch.matmul`` does. 16-bit inputs are multiplied exactly with fp32 accumulation
+    whatever the setting."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
 def check_logits(logits, name: str = "logits") -> torch.Tensor:
     check_tensor(logits, name)
     if logits.dtype not in FLOAT_DTYPES:

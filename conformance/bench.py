@@ -1,9 +1,11 @@
 """Benchmarks: twinops kernels against the eager baseline and ``torch.compile`` of it.
 
 On a GPU each case is timed by ``triton.testing.do_bench`` (CUDA events, L2 flushed before every
-repetition, no synchronisation between repetitions), and the median is reported with the byte model's GB/s and its percentage of a device-to-device
-copy measured in the same run, plus the op's extra peak memory (allocation delta, inputs
-excluded). pytest-benchmark drives the rounds (see `twinops.conformance.benchsuite`) so runs
+repetition, no synchronisation between repetitions), and the median is reported with the byte
+model's GB/s and its percentage of a device-to-device copy measured in the same run, the FLOP
+model's TFLOP/s and its percentage of a dense matmul measured in the same run (for compute-bound
+techniques such as the contrastive losses), plus the op's extra peak memory (allocation delta,
+inputs excluded). pytest-benchmark drives the rounds (see `twinops.conformance.benchsuite`) so runs
 compare with ``--benchmark-compare``; the rows below are the one JSON schema (``twinops-bench/1``)
 the report and the docs read.
 
@@ -63,7 +65,7 @@ def cases(names=None, smoke: bool = False) -> list[Case]:
             continue
         benches = spec.bench_cases[:1] if smoke else spec.bench_cases
         for b in benches:
-            for dtype in dtypes:
+            for dtype in (dtypes if smoke or b.dtypes is None else tuple(b.dtypes)):
                 for direction in DIRECTIONS:
                     if direction == "fwd+bwd" and not spec.grad_inputs:
                         continue
@@ -95,8 +97,12 @@ def _host_inputs(case: Case, smoke: bool):
     key = (case.spec.name, case.bench.label, smoke)
     if key not in _INPUTS:
         _INPUTS.clear()
-        arrays, kwargs = case.bench.make(np.random.default_rng(0))
-        _INPUTS[key] = (_shrink(arrays) if smoke else arrays), kwargs
+        rng = np.random.default_rng(0)
+        if smoke and case.bench.smoke is not None:
+            _INPUTS[key] = case.bench.smoke(rng)
+        else:
+            arrays, kwargs = case.bench.make(rng)
+            _INPUTS[key] = (_shrink(arrays) if smoke else arrays), kwargs
     return _INPUTS[key]
 
 
@@ -179,18 +185,40 @@ def copy_bandwidth_gbps() -> float | None:
     return _COPY_GBPS
 
 
+_MATMUL_TFLOPS: dict = {}
+
+
+def matmul_tflops(dtype: str) -> float | None:
+    """Dense 8192³ matmul rate (TFLOP/s) in ``dtype`` at torch's current fp32 matmul precision,
+    measured once per process and dtype."""
+    if dtype not in _MATMUL_TFLOPS and gpu_available():
+        import torch
+        import triton.testing
+
+        n = 8192
+        a = torch.randn(n, n, device="cuda", dtype=getattr(torch, dtype))
+        b = torch.randn(n, n, device="cuda", dtype=getattr(torch, dtype))
+        ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+        _MATMUL_TFLOPS[dtype] = 2 * n**3 / (ms * 1e-3) / 1e12
+    return _MATMUL_TFLOPS.get(dtype)
+
+
 def row(case: Case, arrays: dict, ms: float | None, peak_mib: float | None) -> dict:
     itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[case.dtype]
-    gbps = pct = None
+    gbps = pct = tflops = pct_mm = None
     if ms and case.spec.bytes_moved is not None:
         gbps = case.spec.bytes_moved(arrays, itemsize, case.direction) / (ms * 1e-3) / 1e9
         copy = copy_bandwidth_gbps()
         pct = 100 * gbps / copy if copy else None
+    if ms and case.spec.flops is not None:
+        tflops = case.spec.flops(arrays, case.direction) / (ms * 1e-3) / 1e12
+        peak = matmul_tflops(case.dtype)
+        pct_mm = 100 * tflops / peak if peak else None
     return {
         "technique": case.spec.name, "case": case.bench.label, "dtype": case.dtype,
         "direction": case.direction, "provider": case.provider, "ms": ms, "gbps": gbps,
-        "pct_of_copy": pct, "speedup_vs_eager": None, "speedup_vs_compile": None,
-        "extra_peak_mib": peak_mib,
+        "pct_of_copy": pct, "tflops": tflops, "pct_of_matmul": pct_mm,
+        "speedup_vs_eager": None, "speedup_vs_compile": None, "extra_peak_mib": peak_mib,
     }
 
 
@@ -233,12 +261,13 @@ def markdown(doc: dict) -> str:
             f"git {str(doc['git_sha'])[:10]}" + (" · smoke mode (no timings)" if doc["smoke"] else "")
             + (f" · copy bandwidth {doc['copy_gbps']:.0f} GB/s" if doc.get("copy_gbps") else ""))
     lines = [head, "", "| technique | case | dtype | direction | provider | ms | GB/s | % of copy | "
-             "vs eager | vs compile | extra MiB |", "|" + "---|" * 11]
+             "TFLOP/s | % of matmul | vs eager | vs compile | extra MiB |", "|" + "---|" * 13]
     f = lambda v, spec: "–" if v is None else format(v, spec)
     for r in doc["results"]:
         lines.append(
             f"| {r['technique']} | {r['case']} | {r['dtype']} | {r['direction']} | {r['provider']} | "
             f"{f(r['ms'], '.3f')} | {f(r['gbps'], '.0f')} | {f(r['pct_of_copy'], '.0f')} | "
+            f"{f(r.get('tflops'), '.1f')} | {f(r.get('pct_of_matmul'), '.0f')} | "
             f"{f(r['speedup_vs_eager'], '.2f')} | {f(r['speedup_vs_compile'], '.2f')} | "
             f"{f(r['extra_peak_mib'], '.1f')} |"
         )

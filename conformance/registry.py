@@ -1,7 +1,8 @@
 """The technique registry: every `twinops.conformance.spec.Spec`, by name.
 
-Specs live in `twinops.conformance.specs` (one module per family); importing a spec module
-registers its specs. Reading the registry imports neither torch nor triton.
+Specs live in `twinops.conformance.specs`: one module per family, or a subpackage per family with
+one module per technique. Every module there (names starting with ``_`` excepted) is imported on
+first use, and importing a spec module registers its specs. Reading the registry imports neither torch nor triton.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 
 from .spec import Spec
 
-SPEC_MODULES = (".specs.classification",)  # relative to this package
 
 _SPECS: dict[str, Spec] = {}
 _loaded = False
@@ -31,8 +31,19 @@ def _load() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in SPEC_MODULES:
-            importlib.import_module(module, __package__)
+        for module in spec_modules():
+            importlib.import_module(module)
+
+
+def spec_modules() -> list[str]:
+    """Every spec module under ``twinops.conformance.specs``, in name order."""
+    import pkgutil
+
+    from . import specs
+
+    found = [m.name for m in pkgutil.walk_packages(specs.__path__, specs.__name__ + ".")
+             if not m.name.rpartition(".")[2].startswith("_")]
+    return sorted(found)
 
 
 def all_specs() -> list[Spec]:

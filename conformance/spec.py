@@ -97,11 +97,17 @@ class BadInput:
 
 @dataclass(frozen=True)
 class BenchCase:
-    """A benchmark shape. ``arrays`` builds float64/int inputs from a NumPy Generator."""
+    """A benchmark shape. ``make(rng)`` builds float/int NumPy inputs and keyword arguments.
+
+    ``smoke`` builds a tiny version of the same call for CPU smoke runs (default: every 2-D input cut
+    to a few rows and columns, labels wrapped into range). ``dtypes`` restricts the float dtypes the
+    case is timed in (default: the benchmark's GPU dtypes)."""
 
     label: str
     make: Callable[[np.random.Generator], tuple[dict, dict]]
     float_inputs: Sequence[str]
+    smoke: Callable[[np.random.Generator], tuple[dict, dict]] | None = None
+    dtypes: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,10 @@ class Spec:
     output_dtypes: Sequence[str] = ("input",)  # per output: "input" (the float input dtype) or a dtype name
     grad_output_index: int | None = None  # which output of a tuple is differentiated (None: single output)
     properties: Sequence[str] = ()  # exact properties beyond shape/dtype/NaN positions, for the docs
+    # Deliberately wrong ports the suite must catch, beyond the generic ones every technique gets
+    # (output off by 1e-3, gradient 1% too large): name -> (conforming fn -> wrong fn). They prove the
+    # strategies reach this technique's characteristic bugs (an ignored mask, a wrong reduction).
+    wrong_ports: Mapping[str, Callable[[Callable], Callable]] = field(default_factory=dict)
 
     def reference_fn(self) -> Callable:
         return resolve(self.reference)

@@ -28,6 +28,19 @@ LOGIT_SCALES = (1e-3, 1.0, 4.0, 30.0)
 EXTREME_SCALE = 1e4  # fp32 only: extreme but finite logits
 LAYOUTS = ("contiguous", "transposed", "strided", "row_strided")
 
+# Metric learning: batch sizes and embedding widths around the 16-wide tiles the tiled kernels use
+# under the interpreter (and the 64/128-wide tiles of the compiled kernels on the gpu profile).
+EMBED_BATCH = {
+    "ci": (1, 2, 3, 5, 8, 15, 16, 17, 33),
+    "dev": (1, 2, 3, 5, 7, 8, 13, 15, 16, 17, 31, 32, 33, 48),
+    "gpu": (2, 17, 63, 64, 65, 127, 128, 129, 257, 1000),
+}
+EMBED_DIMS = {
+    "ci": (1, 3, 8, 16, 17, 40),
+    "dev": (1, 2, 3, 8, 15, 16, 17, 31, 32, 33, 64),
+    "gpu": (3, 64, 127, 128, 129, 256, 1024),
+}
+
 
 def _seed(draw) -> np.random.Generator:
     return np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -38,6 +51,25 @@ def upstream_grad(rng: np.random.Generator, shape: tuple) -> np.ndarray:
     if shape == ():
         return np.array(rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 2.0))
     return rng.normal(size=shape) * rng.uniform(0.5, 2.0, size=shape)
+
+
+def seed(draw) -> np.random.Generator:
+    """A NumPy generator seeded by Hypothesis (so shrinking and replay work)."""
+    return _seed(draw)
+
+
+def embeddings(rng: np.random.Generator, b: int, d: int, *, scale: float = 1.0, normalize: bool = False) -> np.ndarray:
+    """(b, d) float64 embeddings; unit rows when ``normalize`` (zero rows are left at zero)."""
+    x = rng.normal(size=(b, d)) * scale
+    if normalize:
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.where(norm > 0, norm, 1.0)
+    return x
+
+
+def class_labels(rng: np.random.Generator, b: int, classes: int) -> np.ndarray:
+    """(b,) int64 labels in [0, classes); with ``classes`` << ``b`` most anchors have positives."""
+    return rng.integers(0, max(1, classes), size=b).astype(np.int64)
 
 
 @st.composite

@@ -126,3 +126,36 @@ def reduce_rows_grad(grad, row_weight: np.ndarray, reduction: str) -> np.ndarray
         return np.full(n, float(grad))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.full(n, float(grad) / row_weight.sum())
+
+
+def as_float_array(x, name: str, ndim: int, shape: str) -> np.ndarray:
+    """``x`` as a float64 array with ``ndim`` dimensions; ``shape`` names them for the message,
+    e.g. ``"(B, D)"``."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        raise TypeError(f"{name} must be a real floating-point array, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.ndim} dimensions {arr.shape}")
+    return arr.astype(np.float64)
+
+
+def as_int_array(x, name: str, shape: tuple, what: str = "labels") -> np.ndarray:
+    """``x`` as an int64 array of exactly ``shape`` (class labels compared for equality, indices)."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array of {what}, got dtype {arr.dtype}")
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_choice(value, name: str, choices: tuple) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value

@@ -16,7 +16,8 @@ def test_foundation_techniques_registered():
 def test_reference_self_check(name):
     report = check_reference(name)
     assert report.ok, str(report)
-    assert report.worst[("float64", "fd-grad")].examples > 5
+    if registry.get(name).grad_inputs:
+        assert report.worst[("float64", "fd-grad")].examples > 5
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -26,7 +27,8 @@ def test_accelerated_conforms(name):
     assert report.ok, str(report)
     for dtype in ("float32", "float16"):
         assert report.worst[(dtype, "forward")].examples > 5
-        assert report.worst[(dtype, "backward")].examples > 5
+        if spec.grad_inputs:
+            assert report.worst[(dtype, "backward")].examples > 5
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,73 +1,37 @@
 """The suite can fail: deliberately wrong ports of every technique must be caught by check_port,
-each with a readable message. The wrong ports wrap our (conforming) kernels and break one thing."""
+each with a readable message. The wrong ports wrap our (conforming) kernels and break one thing:
+the generic ones (`twinops.conformance.wrong_ports.generic`) for every technique, plus each spec's
+own ``wrong_ports`` (an ignored mask, a wrong reduction, ...)."""
 
 import pytest
-import torch
 
-from twinops.conformance import check_port, registry
+from twinops.conformance import check_port, registry, wrong_ports
 
-NAMES = registry.names()
-
-
-def _map_loss(out, f):
-    """Apply ``f`` to the loss, the first output when a technique returns several."""
-    return (f(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else f(out)
+CASES = [
+    (spec.name, bug)
+    for spec in registry.all_specs()
+    for bug in {**wrong_ports.generic(bool(spec.grad_inputs)), **spec.wrong_ports}
+]
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.scale, None
+def _port(spec, bug):
+    ports = {**wrong_ports.generic(bool(spec.grad_inputs)), **spec.wrong_ports}
+    return ports[bug](spec.accelerated_fn())
 
 
-def off_by_constant(fn):
-    return lambda **kw: _map_loss(fn(**kw), lambda t: t + 1e-3)
-
-
-def ignores_mask(fn):
-    def port(*, target, ignore_index=-100, **kw):
-        return fn(target=torch.where(target == ignore_index, 0, target), ignore_index=ignore_index, **kw)
-
-    return port
-
-
-def wrong_reduction(fn):
-    def port(*, reduction="mean", **kw):
-        out = fn(reduction="none", **kw)
-        if reduction == "none":
-            return out
-        # mean over all rows, ignored ones included, instead of over non-ignored rows
-        return _map_loss(out, lambda t: t.sum() if reduction == "sum" else t.mean())
-
-    return port
-
-
-def wrong_gradient(fn):
-    return lambda **kw: _map_loss(fn(**kw), lambda t: _ScaleGrad.apply(t, 1.01))
-
-
-WRONG_PORTS = {
-    "off by 1e-3": off_by_constant,
-    "ignores ignore_index": ignores_mask,
-    "mean over all rows": wrong_reduction,
-    "gradient 1% too large": wrong_gradient,
-}
-
-
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("bug", list(WRONG_PORTS))
+@pytest.mark.parametrize("name,bug", CASES, ids=[f"{n}-{b}" for n, b in CASES])
 def test_wrong_port_is_caught(name, bug):
     spec = registry.get(name)
-    port = WRONG_PORTS[bug](spec.accelerated_fn())
-    report = check_port(name, port, dtypes=("float32",), bad_inputs=False)
+    report = check_port(name, _port(spec, bug), dtypes=("float32",), bad_inputs=False)
     assert not report.ok, f"{bug} port of {name} passed:\n{report}"
     text = str(report)
     assert name in text and "FAIL" in text and "input:" in text and "reference" in text
+
+
+def test_every_technique_has_a_characteristic_wrong_port():
+    """Beyond the generic two, each technique names at least one bug of its own kind."""
+    missing = [s.name for s in registry.all_specs() if not s.wrong_ports]
+    assert not missing, f"no technique-specific wrong ports: {missing}"
 
 
 def test_missing_technique_is_reported_not_crashed():

@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 from hypothesis import strategies as st
 
+from .. import wrong_ports
 from ..registry import register
 from ..spec import BadInput, BenchCase, Sample, Spec, Tolerance, resolve
 from ..strategies import row_loss_edge_cases, row_loss_samples
@@ -73,6 +74,19 @@ def _row_bad_inputs(base_kwargs: dict, extra=None) -> tuple[BadInput, ...]:
     )
 
 
+def _ignores_labels(target, kw):
+    """Treat ignored rows as class 0 (a port that forgets ``ignore_index``)."""
+    import torch
+
+    return torch.where(target == kw.get("ignore_index", -100), 0, target)
+
+
+ROW_LOSS_WRONG_PORTS = {
+    "ignores ignore_index": wrong_ports.replaces_argument("target", _ignores_labels),
+    "mean over all rows": wrong_ports.mean_over_all_rows,
+}
+
+
 def _row_loss_spec(name: str, paper: int, summary: str, *, hyper=None, edge_hypers=(), **fields) -> Spec:
     """A row-wise loss over (N, C) logits: the four implementations are named after the technique,
     inputs come from ``row_loss_samples`` with the technique's ``hyper`` strategy and the shared edge
@@ -90,6 +104,7 @@ def _row_loss_spec(name: str, paper: int, summary: str, *, hyper=None, edge_hype
         reduction_length=_row_length,
         bench_cases=_bench_cases(),
         bytes_moved=_logits_bytes,
+        wrong_ports=ROW_LOSS_WRONG_PORTS,
     )
     return Spec(name=name, paper=paper, summary=summary, **{**defaults, **fields})
 

@@ -1,0 +1,1 @@
+"""Metric-learning objectives: pairwise, contrastive, ranking and hyperbolic (Triton kernels)."""
