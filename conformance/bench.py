@@ -203,7 +203,23 @@ def matmul_tflops(dtype: str) -> float | None:
     return _MATMUL_TFLOPS.get(dtype)
 
 
-def row(case: Case, arrays: dict, ms: float | None, peak_mib: float | None) -> dict:
+def out_of_memory_errors() -> tuple:
+    import torch
+
+    return (torch.cuda.OutOfMemoryError,)
+
+
+def release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def row(case: Case, arrays: dict, ms: float | None, peak_mib: float | None, note: str | None = None) -> dict:
     itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[case.dtype]
     gbps = pct = tflops = pct_mm = None
     if ms and case.spec.bytes_moved is not None:
@@ -218,7 +234,7 @@ def row(case: Case, arrays: dict, ms: float | None, peak_mib: float | None) -> d
         "technique": case.spec.name, "case": case.bench.label, "dtype": case.dtype,
         "direction": case.direction, "provider": case.provider, "ms": ms, "gbps": gbps,
         "pct_of_copy": pct, "tflops": tflops, "pct_of_matmul": pct_mm,
-        "speedup_vs_eager": None, "speedup_vs_compile": None, "extra_peak_mib": peak_mib,
+        "speedup_vs_eager": None, "speedup_vs_compile": None, "extra_peak_mib": peak_mib, "note": note,
     }
 
 
@@ -266,7 +282,7 @@ def markdown(doc: dict) -> str:
     for r in doc["results"]:
         lines.append(
             f"| {r['technique']} | {r['case']} | {r['dtype']} | {r['direction']} | {r['provider']} | "
-            f"{f(r['ms'], '.3f')} | {f(r['gbps'], '.0f')} | {f(r['pct_of_copy'], '.0f')} | "
+            f"{'OOM' if str(r.get('note') or '').startswith('out of memory') else f(r['ms'], '.3f')} | {f(r['gbps'], '.0f')} | {f(r['pct_of_copy'], '.0f')} | "
             f"{f(r.get('tflops'), '.1f')} | {f(r.get('pct_of_matmul'), '.0f')} | "
             f"{f(r['speedup_vs_eager'], '.2f')} | {f(r['speedup_vs_compile'], '.2f')} | "
             f"{f(r['extra_peak_mib'], '.1f')} |"

@@ -331,7 +331,8 @@ def _run_versions(run: dict) -> str:
     return f"torch {run.get('torch', '?')}, triton {run.get('triton', '?')}, commit `{sha}`{copy}{note}"
 
 
-BENCH_COLUMNS = ["case", "dtype", "direction", "provider", "ms", "GB/s", "% of copy", "vs eager", "vs compile", "extra peak MiB"]
+BENCH_COLUMNS = ["case", "dtype", "direction", "provider", "ms", "GB/s", "% of copy", "TFLOP/s", "% of matmul",
+                 "vs eager", "vs compile", "extra peak MiB"]
 
 
 def _bench_row(r: dict) -> list[str]:
@@ -340,9 +341,11 @@ def _bench_row(r: dict) -> list[str]:
         r.get("dtype", ""),
         r.get("direction", ""),
         r.get("provider", ""),
-        _fmt(r.get("ms"), ".4g"),
+        "out of memory" if str(r.get("note") or "").startswith("out of memory") else _fmt(r.get("ms"), ".4g"),
         _fmt(r.get("gbps"), ".0f"),
         _fmt(r.get("pct_of_copy"), ".0f", "%"),
+        _fmt(r.get("tflops"), ".1f"),
+        _fmt(r.get("pct_of_matmul"), ".0f", "%"),
         _fmt(r.get("speedup_vs_eager"), ".2f", "×"),
         _fmt(r.get("speedup_vs_compile"), ".2f", "×"),
         _fmt(r.get("extra_peak_mib"), ".1f"),
