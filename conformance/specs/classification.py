@@ -40,14 +40,17 @@ def _logits_bytes(arrays: dict, itemsize: int, direction: str) -> float:
 
 
 def _bench_cases(extra=None):
-    def case(n, c):
+    def inputs(n, c):
         def make(rng):
             arrays = {"logits": rng.standard_normal((n, c), dtype=np.float32), "target": rng.integers(0, c, n)}
             if extra is not None:
                 arrays.update(extra(rng, n))
             return arrays, {}
 
-        return BenchCase(f"{n}x{c}", make, ("logits",))
+        return make
+
+    def case(n, c):
+        return BenchCase(f"{n}x{c}", inputs(n, c), ("logits",), smoke=inputs(4, 40))
 
     return (case(8192, 32000), case(4096, 128256))
 
