@@ -1,0 +1,633 @@
+"""UNPG (P50) as flash-attention-shaped Triton kernels: neither the (B, C) class logits nor the (B, B)
+pair cosines ever exist in memory. See `twinops.reference.metric.unpg_margin_softmax_loss` for the
+definition.
+
+Notation: x̂_i = x_i r_i with r_i = 1 / max(||x_i||, eps) (likewise ŵ_j = w_j ρ_j); a *class tile* is
+cos = (X_I W_Jᵀ) r_I ρ_J for a block I of rows and a block J of class centres, computed with one
+``tl.dot`` over the whole feature width; a *pair tile* is (X_I X_Jᵀ) r_I r_J for two row blocks with
+I <= J (the pairs p < q of the strict upper triangle are always computed in this orientation, so every
+pass sees bit-identical cosines and the filter decides the same way each time).
+
+Forward
+  1. Radix select (4 passes over the pair tiles, 8 bits each) finds the two order statistics
+     Q1 = ñ[L // 4] and Q3 = ñ[3L // 4] of the negative-pair cosines: each pass histograms one byte
+     of the order-preserving integer key of the pairs whose higher bytes match the prefix found so
+     far (``_pair_histogram_kernel``), then one program picks the byte holding each rank
+     (``_radix_step_kernel``). The last step writes the whisker bounds lo, hi.
+  2. ``_pair_sumexp_kernel``: per row p, (max, sum of exp) of s·n over its kept pairs p < q; combined
+     on the host into log E = M + log Ẽ (two scalars).
+  3. ``_class_forward_kernel``: per (row block, class split), online log-sum-exp over the class
+     tiles with the margin applied to the target column in-tile; writes (m, l) per row and split
+     and the target logit. The host merges the splits and the shared term E:
+     loss_i = (m_i - z_iy) + log l_i.
+  Saved for the backward: (m_i, l_i) per row, the norms, and four scalars (lo, hi, M, Ẽ).
+Backward (recomputes every tile)
+  - ``_class_backward_rows_kernel``: per (row block, class split), dX̂_I += Gc ŴJ with
+    Gc_ij = g_i s (p_ij - [j = y_i]) (∂t/∂cos at the target) and p_ij = exp(z_ij - m_i) / l_i.
+  - ``_class_backward_cols_kernel``: per class block, dŴ_J = Σ_I Gcᵀ X̂_I, projected through the
+    normalisation in-kernel and written as dW.
+  - ``_pair_backward_kernel``: per row block, dX̂_I += G X̂ over the kept pairs on both sides,
+    G_pq = c exp(s n_pq - M), c = s Σ_i g_i exp(M - lse_i) (one scalar).
+  The row-side partial sums (one slab per class split plus one for the pairs) are added and
+  projected through the normalisation on the host: O(splits · B · D) extra memory, no atomics.
+Extra memory: O(B) statistics, O(C) norms, O(splits · B · D) for dX, nothing of size B·C or B·B.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ...reference._checks import check_choice, check_real
+from .. import _runtime as rt
+
+__all__ = ["unpg_margin_softmax_loss", "UNPGMarginSoftmaxLoss"]
+
+HAS_TRITON_BACKWARD = True
+
+MARGIN_TYPES = ("arcface", "cosface")
+CLAMP_HI = 1.0 - 2.0**-20  # ArcFace clamp of the target cosine, exactly representable in float32
+MAX_SPLITS = 8  # class splits per row block on the GPU (each adds one (B, D) fp32 slab backward)
+
+
+# ------------------------------------------------------------------------------------- tile helpers
+
+
+@triton.jit
+def _load_rows(ptr, rows, n_rows, stride_row, stride_col, D, BLOCK_D: tl.constexpr):
+    """A (len(rows), BLOCK_D) tile of a row-major-ish matrix, zero outside the matrix."""
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)
+    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+
+
+@triton.jit
+def _inv_norm(norm_ptr, rows, n_rows, eps):
+    """r = 1 / max(||row||, eps) from the fp32 norms (torch.nn.functional.normalize's denominator)."""
+    return 1.0 / tl.maximum(tl.load(norm_ptr + rows, mask=rows < n_rows, other=1.0), eps)
+
+
+@triton.jit
+def _cos_tile(a, ra, b, rb, PRECISION: tl.constexpr):
+    """(a bᵀ) ra rb: cosines of the rows of two tiles, fp32."""
+    return tl.dot(a, tl.trans(b), input_precision=PRECISION) * ra[:, None] * rb[None, :]
+
+
+@triton.jit
+def _negative_pairs(rows_a, ya, rows_b, yb, B):
+    """Mask of the pairs (p, q) of a pair tile that are negative pairs: p < q < B, y_p != y_q."""
+    return (rows_a[:, None] < rows_b[None, :]) & (rows_b < B)[None, :] & (ya[:, None] != yb[None, :])
+
+
+@triton.jit
+def _order_key(t):
+    """fp32 -> int32 whose signed order is the float order (negative floats: low 31 bits flipped)."""
+    bits = t.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _key_to_float(key):
+    bits = key ^ ((key >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _margin_target(c, cos_m, sin_m, margin, ARCFACE: tl.constexpr):
+    """t(c): cos(arccos(clamp(c)) + m) = c' cos m - sin θ sin m for ArcFace, c - m for CosFace."""
+    if ARCFACE:
+        hi = 0.99999904632568359375  # 1 - 2^-20
+        cc = tl.where(c > hi, hi, tl.where(c < -hi, -hi, c))  # where, not minimum: keeps NaN
+        sin_theta = tl.sqrt((1.0 - cc) * (1.0 + cc))  # (1 - c)(1 + c): no cancellation near |c| = 1
+        return cc * cos_m - sin_theta * sin_m
+    else:
+        return c - margin
+
+
+@triton.jit
+def _margin_slope(c, cos_m, sin_m, ARCFACE: tl.constexpr):
+    """dt/dc: sin(θ + m) / sin θ = cos m + sin m · c / sin θ strictly inside the clamp, 0 at or beyond it."""
+    if ARCFACE:
+        hi = 0.99999904632568359375
+        inside = (c < hi) & (c > -hi)
+        sin_theta = tl.sqrt(tl.where(inside, (1.0 - c) * (1.0 + c), 1.0))
+        slope = tl.where(inside, cos_m + sin_m * c / sin_theta, 0.0)
+        return tl.where(c != c, float("nan"), slope)
+    else:
+        return tl.where(c != c, float("nan"), 1.0)
+
+
+# ------------------------------------------------------------------------------------- pair filter
+
+
+@triton.jit
+def _pair_histogram_kernel(
+    x_ptr, stride_xb, stride_xd,      # (B, D) embeddings
+    xnorm_ptr,                        # (B,) fp32 row norms
+    y_ptr, stride_y,                  # (B,) integer labels
+    state_ptr,                        # (5,) int64: prefix and remaining rank of Q1, of Q3; L
+    hist_ptr,                         # out (2, 256) int32, zeroed by the host: byte counts for Q1, Q3
+    B, D, eps,
+    SHIFT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    rows_a = i * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    xa = _load_rows(x_ptr, rows_a, B, stride_xb, stride_xd, D, BLOCK_D)
+    ra = _inv_norm(xnorm_ptr, rows_a, B, eps)
+    ya = tl.load(y_ptr + rows_a * stride_y, mask=rows_a < B, other=0).to(tl.int64)
+    prefix0 = tl.load(state_ptr).to(tl.int32)
+    prefix1 = tl.load(state_ptr + 2).to(tl.int32)
+    for j in range(i, tl.cdiv(B, BLOCK_P)):
+        rows_b = j * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        xb = _load_rows(x_ptr, rows_b, B, stride_xb, stride_xd, D, BLOCK_D)
+        rb = _inv_norm(xnorm_ptr, rows_b, B, eps)
+        yb = tl.load(y_ptr + rows_b * stride_y, mask=rows_b < B, other=0).to(tl.int64)
+        valid = _negative_pairs(rows_a, ya, rows_b, yb, B)
+        key = _order_key(_cos_tile(xa, ra, xb, rb, PRECISION))
+        if SHIFT == 24:  # top byte, as unsigned order: add 128 to the signed byte
+            digit = ((key >> 24) + 128) & 255
+            tl.atomic_add(hist_ptr + digit, 1, mask=valid)
+            tl.atomic_add(hist_ptr + 256 + digit, 1, mask=valid)
+        else:
+            digit = (key >> SHIFT) & 255
+            match0 = valid & ((key >> (SHIFT + 8)) == (prefix0 >> (SHIFT + 8)))
+            match1 = valid & ((key >> (SHIFT + 8)) == (prefix1 >> (SHIFT + 8)))
+            tl.atomic_add(hist_ptr + digit, 1, mask=match0)
+            tl.atomic_add(hist_ptr + 256 + digit, 1, mask=match1)
+
+
+@triton.jit
+def _radix_step_kernel(
+    hist_ptr,      # (2, 256) int32 byte counts of this pass
+    state_ptr,     # (5,) int64, updated: prefix and remaining rank of Q1, of Q3; L
+    bounds_ptr,    # out (2,) fp32, written on the last pass: lo = Q1 - w IQR, hi = Q3 + w IQR
+    whisker,
+    SHIFT: tl.constexpr,
+):
+    bins = tl.arange(0, 256)
+    for t in tl.static_range(2):
+        h = tl.load(hist_ptr + t * 256 + bins).to(tl.int64)
+        if SHIFT == 24:
+            total = tl.sum(h, axis=0)  # L, the number of negative pairs
+            tl.store(state_ptr + 4, total)
+            rank = (total * (1 + 2 * t)) // 4  # int(0.25 L) for Q1, int(0.75 L) for Q3
+        else:
+            rank = tl.load(state_ptr + 2 * t + 1)
+        cum = tl.cumsum(h, axis=0)
+        digit = tl.sum((cum <= rank).to(tl.int32), axis=0)  # the byte whose bin holds the rank-th value
+        below = tl.sum(tl.where(bins < digit, h, 0), axis=0)
+        if SHIFT == 24:
+            prefix = (digit - 128) << 24
+        else:
+            prefix = tl.load(state_ptr + 2 * t).to(tl.int32) | (digit << SHIFT)
+        tl.store(state_ptr + 2 * t, prefix.to(tl.int64))
+        tl.store(state_ptr + 2 * t + 1, rank - below)
+    if SHIFT == 0:
+        q1 = _key_to_float(tl.load(state_ptr).to(tl.int32))
+        q3 = _key_to_float(tl.load(state_ptr + 2).to(tl.int32))
+        iqr = q3 - q1
+        tl.store(bounds_ptr, q1 - whisker * iqr)
+        tl.store(bounds_ptr + 1, q3 + whisker * iqr)
+
+
+@triton.jit
+def _pair_sumexp_kernel(
+    x_ptr, stride_xb, stride_xd, xnorm_ptr, y_ptr, stride_y,  # as in _pair_histogram_kernel
+    bounds_ptr,                       # (2,) fp32 lo, hi
+    out_ptr,                          # out (2, B) fp32: per row p, max and sum of exp(s n - max) over its kept pairs p < q
+    B, D, eps, scale,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    rows_a = i * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    xa = _load_rows(x_ptr, rows_a, B, stride_xb, stride_xd, D, BLOCK_D)
+    ra = _inv_norm(xnorm_ptr, rows_a, B, eps)
+    ya = tl.load(y_ptr + rows_a * stride_y, mask=rows_a < B, other=0).to(tl.int64)
+    lo = tl.load(bounds_ptr)
+    hi = tl.load(bounds_ptr + 1)
+    m = tl.full((BLOCK_P,), -float("inf"), tl.float32)
+    l = tl.zeros((BLOCK_P,), tl.float32)
+    for j in range(i, tl.cdiv(B, BLOCK_P)):
+        rows_b = j * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        xb = _load_rows(x_ptr, rows_b, B, stride_xb, stride_xd, D, BLOCK_D)
+        rb = _inv_norm(xnorm_ptr, rows_b, B, eps)
+        yb = tl.load(y_ptr + rows_b * stride_y, mask=rows_b < B, other=0).to(tl.int64)
+        valid = _negative_pairs(rows_a, ya, rows_b, yb, B)
+        n = _cos_tile(xa, ra, xb, rb, PRECISION)
+        keep = valid & (n >= lo) & (n <= hi)
+        z = scale * n
+        m_new = tl.maximum(m, tl.max(tl.where(keep, z, -float("inf")), axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        tile = tl.sum(tl.exp(tl.where(keep, z - m_safe[:, None], -float("inf"))), axis=1)
+        poison = tl.sum(tl.where(valid & (n != n), float("nan"), 0.0), axis=1)  # a NaN pair makes E NaN
+        l = l * tl.exp(m - m_safe) + tile + poison
+        m = m_new
+    tl.store(out_ptr + rows_a, m, mask=rows_a < B)
+    tl.store(out_ptr + B + rows_a, l, mask=rows_a < B)
+
+
+# ------------------------------------------------------------------------------------- class term
+
+
+@triton.jit
+def _class_forward_kernel(
+    x_ptr, stride_xb, stride_xd,      # (B, D) embeddings
+    xnorm_ptr,                        # (B,) fp32 row norms
+    y_ptr, stride_y,                  # (B,) integer labels
+    w_ptr, stride_wc, stride_wd,      # (C, D) class centres
+    wnorm_ptr,                        # (C,) fp32 row norms
+    part_ptr,                         # out (2, splits, B) fp32: running max m and sum l of each split
+    zy_ptr,                           # out (B,) fp32: target logit s t_i, written by the split holding y_i
+    B, C, D, classes_per_split, eps, scale, cos_m, sin_m, margin,
+    ARCFACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    splits = tl.num_programs(1)
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    x = _load_rows(x_ptr, rows, B, stride_xb, stride_xd, D, BLOCK_D)
+    rx = _inv_norm(xnorm_ptr, rows, B, eps)
+    y = tl.load(y_ptr + rows * stride_y, mask=rows < B, other=-1).to(tl.int64)
+    c_begin = split * classes_per_split
+    c_end = tl.minimum(c_begin + classes_per_split, C)
+    m = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    zy = tl.zeros((BLOCK_M,), tl.float32)
+    for c0 in range(c_begin, c_end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        w = _load_rows(w_ptr, cols, c_end, stride_wc, stride_wd, D, BLOCK_D)
+        rw = _inv_norm(wnorm_ptr, cols, c_end, eps)
+        cos = _cos_tile(x, rx, w, rw, PRECISION)
+        is_target = cols[None, :] == y[:, None]
+        t = _margin_target(tl.sum(tl.where(is_target, cos, 0.0), axis=1), cos_m, sin_m, margin, ARCFACE)
+        z = scale * tl.where(is_target, t[:, None], cos)
+        z = tl.where((cols < c_end)[None, :], z, -float("inf"))
+        zy += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+    tl.store(part_ptr + split * B + rows, m, mask=rows < B)
+    tl.store(part_ptr + (splits + split) * B + rows, l, mask=rows < B)
+    tl.store(zy_ptr + rows, zy, mask=(rows < B) & (y >= c_begin) & (y < c_end))
+
+
+@triton.jit
+def _class_grad_tile(x, rx, y, m, l, g, w, rw, cols, n_cols, scale, cos_m, sin_m, margin,
+                     ARCFACE: tl.constexpr, PRECISION: tl.constexpr):
+    """Gc = dLoss/dcos on one class tile: g_i s (p_ij - [j = y_i]), times dt/dcos at the target."""
+    cos = _cos_tile(x, rx, w, rw, PRECISION)
+    is_target = cols[None, :] == y[:, None]
+    c_target = tl.sum(tl.where(is_target, cos, 0.0), axis=1)
+    t = _margin_target(c_target, cos_m, sin_m, margin, ARCFACE)
+    slope = _margin_slope(c_target, cos_m, sin_m, ARCFACE)
+    z = scale * tl.where(is_target, t[:, None], cos)
+    z = tl.where((cols < n_cols)[None, :], z, -float("inf"))
+    p = tl.exp(z - m[:, None]) / l[:, None]
+    d = tl.where(is_target, (p - 1.0) * slope[:, None], p)
+    return (g * scale)[:, None] * d
+
+
+@triton.jit
+def _class_backward_rows_kernel(
+    x_ptr, stride_xb, stride_xd, xnorm_ptr, y_ptr, stride_y,  # as in the forward
+    w_ptr, stride_wc, stride_wd, wnorm_ptr,
+    stats_ptr,                        # (B, 2) fp32 from the forward: m_i, l_i (lse_i = m_i + log l_i)
+    g_ptr, stride_g,                  # (B,) upstream gradient of the row losses
+    dxh_ptr,                          # out (splits + 1, B, D) fp32 contiguous: slab `split` gets Σ_J Gc Ŵ_J
+    B, C, D, classes_per_split, eps, scale, cos_m, sin_m, margin,
+    ARCFACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    x = _load_rows(x_ptr, rows, B, stride_xb, stride_xd, D, BLOCK_D)
+    rx = _inv_norm(xnorm_ptr, rows, B, eps)
+    y = tl.load(y_ptr + rows * stride_y, mask=rows < B, other=-1).to(tl.int64)
+    m = tl.load(stats_ptr + rows * 2, mask=rows < B, other=0.0)
+    l = tl.load(stats_ptr + rows * 2 + 1, mask=rows < B, other=1.0)
+    g = tl.load(g_ptr + rows * stride_g, mask=rows < B, other=0.0).to(tl.float32)
+    c_begin = split * classes_per_split
+    c_end = tl.minimum(c_begin + classes_per_split, C)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for c0 in range(c_begin, c_end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        w = _load_rows(w_ptr, cols, c_end, stride_wc, stride_wd, D, BLOCK_D)
+        rw = _inv_norm(wnorm_ptr, cols, c_end, eps)
+        gc = _class_grad_tile(x, rx, y, m, l, g, w, rw, cols, c_end, scale, cos_m, sin_m, margin,
+                              ARCFACE, PRECISION)
+        acc = tl.dot((gc * rw[None, :]).to(w.dtype), w, acc, input_precision=PRECISION)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    out = dxh_ptr + (split * B + rows[:, None]) * D + d[None, :]
+    tl.store(out, acc, mask=(rows < B)[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def _class_backward_cols_kernel(
+    x_ptr, stride_xb, stride_xd, xnorm_ptr, y_ptr, stride_y,  # as in the forward
+    w_ptr, stride_wc, stride_wd, wnorm_ptr,
+    stats_ptr, g_ptr, stride_g,       # as in _class_backward_rows_kernel
+    dw_ptr, stride_dwc, stride_dwd,   # out (C, D) in the weight's dtype
+    B, C, D, eps, scale, cos_m, sin_m, margin,
+    ARCFACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    j = tl.program_id(0).to(tl.int64)
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    w = _load_rows(w_ptr, cols, C, stride_wc, stride_wd, D, BLOCK_D)
+    wn = tl.load(wnorm_ptr + cols, mask=cols < C, other=1.0)
+    rw = 1.0 / tl.maximum(wn, eps)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for r0 in range(0, B, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        x = _load_rows(x_ptr, rows, B, stride_xb, stride_xd, D, BLOCK_D)
+        rx = _inv_norm(xnorm_ptr, rows, B, eps)
+        y = tl.load(y_ptr + rows * stride_y, mask=rows < B, other=-1).to(tl.int64)
+        m = tl.load(stats_ptr + rows * 2, mask=rows < B, other=0.0)
+        l = tl.load(stats_ptr + rows * 2 + 1, mask=rows < B, other=1.0)
+        g = tl.load(g_ptr + rows * stride_g, mask=rows < B, other=0.0).to(tl.float32)
+        gc = _class_grad_tile(x, rx, y, m, l, g, w, rw, cols, C, scale, cos_m, sin_m, margin,
+                              ARCFACE, PRECISION)
+        acc = tl.dot(tl.trans((gc * rx[:, None]).to(x.dtype)), x, acc, input_precision=PRECISION)
+    # Backward of w / max(||w||, eps): (dŴ - ŵ (ŵ · dŴ)) ρ above eps, dŴ / eps at or below it.
+    w_hat = w.to(tl.float32) * rw[:, None]
+    radial = tl.where((wn > eps)[:, None], w_hat * tl.sum(w_hat * acc, axis=1)[:, None], 0.0)
+    dw = (acc - radial) * rw[:, None]
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    out = dw_ptr + cols[:, None] * stride_dwc + d[None, :] * stride_dwd
+    tl.store(out, dw.to(dw_ptr.dtype.element_ty), mask=(cols < C)[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def _pair_backward_kernel(
+    x_ptr, stride_xb, stride_xd, xnorm_ptr, y_ptr, stride_y,  # as in _pair_histogram_kernel
+    pair_ptr,                         # (4,) fp32: lo, hi, M (shift of log E), Ẽ
+    coef_ptr,                         # (1,) fp32: c = s Σ_i g_i exp(M - lse_i)
+    dxh_ptr,                          # out: slab of (B, D) fp32 contiguous, gets Σ_q G_pq x̂_q
+    B, D, eps, scale,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    rows_i = i * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    xi = _load_rows(x_ptr, rows_i, B, stride_xb, stride_xd, D, BLOCK_D)
+    ri = _inv_norm(xnorm_ptr, rows_i, B, eps)
+    yi = tl.load(y_ptr + rows_i * stride_y, mask=rows_i < B, other=0).to(tl.int64)
+    lo = tl.load(pair_ptr)
+    hi = tl.load(pair_ptr + 1)
+    shift = tl.load(pair_ptr + 2)
+    coef = tl.load(coef_ptr)
+    acc = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
+    n_blocks = tl.cdiv(B, BLOCK_P)
+    for j in range(0, n_blocks):
+        rows_j = j * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        xj = _load_rows(x_ptr, rows_j, B, stride_xb, stride_xd, D, BLOCK_D)
+        rj = _inv_norm(xnorm_ptr, rows_j, B, eps)
+        yj = tl.load(y_ptr + rows_j * stride_y, mask=rows_j < B, other=0).to(tl.int64)
+        if j >= i:  # pairs (p in I, q in J), p < q: tile in the canonical orientation, rows I
+            n = _cos_tile(xi, ri, xj, rj, PRECISION)
+            keep = _negative_pairs(rows_i, yi, rows_j, yj, B) & (n >= lo) & (n <= hi)
+            gp = coef * tl.exp(tl.where(keep, scale * n - shift, -float("inf")))
+            acc = tl.dot((gp * rj[None, :]).to(xj.dtype), xj, acc, input_precision=PRECISION)
+        if j <= i:  # pairs (q in J, p in I), q < p: canonical tile has rows J; use its transpose
+            n = _cos_tile(xj, rj, xi, ri, PRECISION)
+            keep = _negative_pairs(rows_j, yj, rows_i, yi, B) & (n >= lo) & (n <= hi)
+            gp = coef * tl.exp(tl.where(keep, scale * n - shift, -float("inf")))
+            acc = tl.dot(tl.trans((gp * rj[:, None]).to(xj.dtype)), xj, acc, input_precision=PRECISION)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    tl.store(dxh_ptr + rows_i[:, None] * D + d[None, :], acc, mask=(rows_i < B)[:, None] & (d < D)[None, :])
+
+
+# ------------------------------------------------------------------------------------- host side
+
+
+def _config(b: int, c: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes: 16 under the interpreter (so test shapes cross tiles); on the GPU, operand tiles of
+    at most ~64 KiB and fp32 gradient accumulators of at most 16 K elements."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if rt.interpreting():
+        n_blocks = triton.cdiv(c, 16)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_P=16, BLOCK_MB=16, BLOCK_D=block_d, warps=1,
+                    splits=min(n_blocks, 2))
+    row_bytes = block_d * torch.finfo(dtype).bits // 8
+    tile = 64 if row_bytes <= 1024 else (32 if row_bytes <= 2048 else 16)
+    acc_rows = max(16, min(64, 16384 // block_d))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    n_blocks = triton.cdiv(c, tile)
+    splits = max(1, min(n_blocks, MAX_SPLITS, triton.cdiv(2 * sms, triton.cdiv(b, acc_rows))))
+    return dict(BLOCK_M=tile, BLOCK_N=tile, BLOCK_P=min(tile, acc_rows), BLOCK_MB=acc_rows, BLOCK_D=block_d,
+                warps=8 if block_d >= 256 else 4, splits=splits)
+
+
+def _split_width(c: int, splits: int, block: int) -> tuple[int, int]:
+    """Classes per split (a multiple of the tile) and the number of non-empty splits."""
+    per = triton.cdiv(triton.cdiv(c, block), splits) * block
+    return per, triton.cdiv(c, per)
+
+
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t, dim=1, dtype=torch.float32)
+
+
+def _hyper(margin_type: str, margin: float) -> dict:
+    return dict(cos_m=math.cos(margin), sin_m=math.sin(margin), margin=margin, ARCFACE=margin_type == "arcface")
+
+
+@torch.library.custom_op("twinops::unpg_margin_softmax_loss_rows", mutates_args=())
+def _unpg_rows(
+    embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, margin_type: str, scale: float,
+    margin: float, whisker: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, y, w = embeddings, labels, weight
+    (b, d), c = x.shape, w.shape[0]
+    dev = x.device
+    cfg = _config(b, c, d, x.dtype, dev)
+    prec = rt.dot_precision(x.dtype)
+    hyper = _hyper(margin_type, margin)
+    xn, wn = _norms(x), _norms(w)
+    xargs = (x, x.stride(0), x.stride(1), xn, y, y.stride(0))
+
+    # Pair term: the whisker bounds by radix select, then (max, sumexp) of the kept pairs per row block.
+    pair = torch.zeros(4, device=dev, dtype=torch.float32)  # lo, hi, M, Ẽ (E = exp(M) Ẽ); no pairs: E = 0
+    if b > 1:
+        n_pb = triton.cdiv(b, cfg["BLOCK_P"])
+        tiles = dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], PRECISION=prec, num_warps=cfg["warps"])
+        state = torch.zeros(5, device=dev, dtype=torch.int64)
+        bounds = torch.zeros(2, device=dev, dtype=torch.float32)
+        for shift in (24, 16, 8, 0):
+            hist = torch.zeros((2, 256), device=dev, dtype=torch.int32)
+            _pair_histogram_kernel[(n_pb,)](*xargs, state, hist, b, d, eps, SHIFT=shift, **tiles)
+            _radix_step_kernel[(1,)](hist, state, bounds, whisker, SHIFT=shift)
+        row_stats = torch.empty((2, b), device=dev, dtype=torch.float32)
+        _pair_sumexp_kernel[(n_pb,)](*xargs, bounds, row_stats, b, d, eps, scale, **tiles)
+        m_blocks, l_blocks = row_stats[0], row_stats[1]
+        shift_e = m_blocks.max()
+        shift_e = torch.where(shift_e == -math.inf, 0.0, shift_e)
+        e_tilde = (l_blocks * torch.exp(m_blocks - shift_e)).sum()
+        pair = torch.stack((bounds[0], bounds[1], shift_e, e_tilde))
+
+    # Class term: online log-sum-exp per (row block, class split), merged here with E.
+    per, splits = _split_width(c, cfg["splits"], cfg["BLOCK_N"])
+    part = torch.empty((2, splits, b), device=dev, dtype=torch.float32)
+    zy = torch.zeros(b, device=dev, dtype=torch.float32)
+    grid = (triton.cdiv(b, cfg["BLOCK_M"]), splits)
+    _class_forward_kernel[grid](
+        *xargs, w, w.stride(0), w.stride(1), wn, part, zy, b, c, d, per, eps, scale, **hyper,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION=prec,
+        num_warps=cfg["warps"],
+    )
+    m_rows = part[0].max(dim=0).values
+    l_rows = (part[1] * torch.exp(part[0] - m_rows)).sum(dim=0)
+    shift_e, e_tilde = pair[2], pair[3]
+    m_fin = torch.where(e_tilde > 0, torch.maximum(m_rows, shift_e), m_rows)
+    l_fin = l_rows * torch.exp(m_rows - m_fin) + torch.where(e_tilde == 0, 0.0, e_tilde * torch.exp(shift_e - m_fin))
+    valid = (y >= 0) & (y < c)
+    loss = torch.where(valid, (m_fin - zy) + torch.log(l_fin), math.nan)
+    return loss, torch.stack((m_fin, l_fin), dim=1), pair
+
+
+@_unpg_rows.register_fake
+def _(embeddings, labels, weight, margin_type, scale, margin, whisker, eps):
+    b = embeddings.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return embeddings.new_empty(b, **f32), embeddings.new_empty((b, 2), **f32), embeddings.new_empty(4, **f32)
+
+
+@torch.library.custom_op("twinops::unpg_margin_softmax_loss_rows_backward", mutates_args=())
+def _unpg_rows_backward(
+    grad_loss: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+    stats: torch.Tensor, pair: torch.Tensor, margin_type: str, scale: float, margin: float, eps: float,
+    need_embeddings: bool, need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y, w = embeddings, labels, weight
+    (b, d), c = x.shape, w.shape[0]
+    dev = x.device
+    cfg = _config(b, c, d, x.dtype, dev)
+    prec = rt.dot_precision(x.dtype)
+    hyper = _hyper(margin_type, margin)
+    xn, wn = _norms(x), _norms(w)
+    xargs = (x, x.stride(0), x.stride(1), xn, y, y.stride(0))
+    wargs = (w, w.stride(0), w.stride(1), wn)
+    common = dict(BLOCK_D=cfg["BLOCK_D"], PRECISION=prec, num_warps=cfg["warps"])
+    grad_x = x.new_empty(0)
+    grad_w = w.new_empty(0)
+    if need_embeddings:
+        per, splits = _split_width(c, cfg["splits"], cfg["BLOCK_N"])
+        dxh = torch.zeros((splits + 1, b, d), device=dev, dtype=torch.float32)
+        grid = (triton.cdiv(b, cfg["BLOCK_MB"]), splits)
+        _class_backward_rows_kernel[grid](
+            *xargs, *wargs, stats, grad_loss, grad_loss.stride(0), dxh, b, c, d, per, eps, scale, **hyper,
+            BLOCK_M=cfg["BLOCK_MB"], BLOCK_N=cfg["BLOCK_N"], **common,
+        )
+        if b > 1:
+            m_fin, l_fin = stats[:, 0], stats[:, 1]
+            shift_e, e_tilde = pair[2], pair[3]
+            coef = scale * (grad_loss.float() * torch.exp(shift_e - m_fin) / l_fin).sum()
+            coef = torch.where(e_tilde == 0, 0.0, coef).reshape(1)
+            _pair_backward_kernel[(triton.cdiv(b, cfg["BLOCK_P"]),)](
+                *xargs, pair, coef, dxh[splits], b, d, eps, scale, BLOCK_P=cfg["BLOCK_P"], **common,
+            )
+        # Backward of x / max(||x||, eps), on the summed slabs.
+        dx_hat = dxh.sum(dim=0)
+        r = 1.0 / xn.clamp_min(eps)
+        x_hat = x.float() * r[:, None]
+        radial = torch.where((xn > eps)[:, None], x_hat * (x_hat * dx_hat).sum(dim=1, keepdim=True), 0.0)
+        grad_x = ((dx_hat - radial) * r[:, None]).to(x.dtype)
+    if need_weight:
+        grad_w = torch.empty((c, d), device=dev, dtype=w.dtype)
+        _class_backward_cols_kernel[(triton.cdiv(c, cfg["BLOCK_N"]),)](
+            *xargs, *wargs, stats, grad_loss, grad_loss.stride(0), grad_w, grad_w.stride(0), grad_w.stride(1),
+            b, c, d, eps, scale, **hyper, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
+        )
+    return grad_x, grad_w
+
+
+@_unpg_rows_backward.register_fake
+def _(grad_loss, embeddings, labels, weight, stats, pair, margin_type, scale, margin, eps, need_embeddings,
+      need_weight):
+    gx = embeddings.new_empty(embeddings.shape if need_embeddings else (0,))
+    gw = weight.new_empty(weight.shape if need_weight else (0,))
+    return gx, gw
+
+
+def _setup_context(ctx, inputs, output):
+    embeddings, labels, weight, margin_type, scale, margin, whisker, eps = inputs
+    ctx.save_for_backward(embeddings, labels, weight, output[1], output[2])
+    ctx.hyper = (margin_type, scale, margin, eps)
+
+
+def _backward(ctx, grad_loss, grad_stats, grad_pair):
+    embeddings, labels, weight, stats, pair = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if not (need_x or need_w):
+        return None, None, None, None, None, None, None, None
+    grad_x, grad_w = _unpg_rows_backward(grad_loss, embeddings, labels, weight, stats, pair, *ctx.hyper,
+                                         need_x, need_w)
+    return (grad_x if need_x else None), None, (grad_w if need_w else None), None, None, None, None, None
+
+
+_unpg_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(embeddings, labels, weight):
+    rt.check_float_tensor(embeddings, "embeddings", 2, "(B, D)")
+    rt.check_float_tensor(weight, "weight", 2, "(C, D)")
+    b, d = embeddings.shape
+    if b < 1:
+        raise ValueError(f"embeddings must hold at least one row (B >= 1), got shape {tuple(embeddings.shape)}")
+    if d < 1:
+        raise ValueError(f"embeddings must have at least one feature (D >= 1), got shape {tuple(embeddings.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must hold at least one class centre (C >= 1), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != d:
+        raise ValueError(f"weight must have shape (C, {d}) to match embeddings, got {tuple(weight.shape)}")
+    if weight.dtype != embeddings.dtype:
+        raise TypeError(f"weight must have the embeddings' dtype {embeddings.dtype}, got {weight.dtype}")
+    rt.check_int_tensor(labels, "labels", (b,))
+    rt.check_device(("embeddings", embeddings), ("labels", labels), ("weight", weight))
+
+
+def unpg_margin_softmax_loss(embeddings, labels, weight, *, margin_type="arcface", scale=64.0, margin=0.5,
+                             whisker=1.5, eps=1e-12, reduction="mean"):
+    """UNPG loss (P50) on the GPU: ArcFace/CosFace margin softmax over the class centres plus the
+    filtered in-batch negative pairs, without materialising the (B, C) logits or (B, B) cosines.
+
+    Same arguments and semantics as `twinops.reference.metric.unpg_margin_softmax_loss`; returns the
+    embeddings' dtype, gradients flow to ``embeddings`` and ``weight``. Labels outside [0, C) give
+    NaN for their row (and so for a mean or sum) instead of an error, since checking them would
+    synchronise the device.
+    """
+    _check_inputs(embeddings, labels, weight)
+    check_choice(margin_type, "margin_type", MARGIN_TYPES)
+    scale = check_real(scale, "scale", low=0.0, low_open=True)
+    margin = check_real(margin, "margin", low=0.0)
+    whisker = check_real(whisker, "whisker", low=0.0)
+    eps = check_real(eps, "eps", low=0.0, low_open=True)
+    rt.check_reduction(reduction)
+    loss, _, _ = _unpg_rows(embeddings, labels, weight, margin_type, scale, margin, whisker, eps)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.mean()
+    return loss.to(embeddings.dtype)
+
+
+class UNPGMarginSoftmaxLoss(torch.nn.Module):
+    """``nn.Module`` form of `unpg_margin_softmax_loss` that owns the (C, D) class centres, initialised
+    with Xavier-uniform as in the authors' heads. ``forward(embeddings, labels)``."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, *, margin_type="arcface", scale=64.0, margin=0.5,
+                 whisker=1.5, eps=1e-12, reduction="mean", device=None, dtype=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty((num_classes, embedding_dim), device=device, dtype=dtype))
+        torch.nn.init.xavier_uniform_(self.weight)
+        self.margin_type, self.scale, self.margin = margin_type, scale, margin
+        self.whisker, self.eps, self.reduction = whisker, eps, reduction
+
+    def forward(self, embeddings, labels):
+        return unpg_margin_softmax_loss(embeddings, labels, self.weight, margin_type=self.margin_type,
+                                        scale=self.scale, margin=self.margin, whisker=self.whisker,
+                                        eps=self.eps, reduction=self.reduction)
