@@ -7,7 +7,7 @@ step forms the BLOCK_P x BLOCK_N margins in registers and reduces them at once, 
 pair tensor ever exists. Per pair, in base 2 (x = z log2(e), with z = (s+ - s-) / tau):
 
     e  = 2^(-|x|)                          one exp2
-    softplus(-z) = ln2 * (max(-x, 0) + log2(1 + e))   one log2 (plus a rounding correction)
+    softplus(-z) = ln2 * (max(-x, 0) + log2(1 + e))   one log2 (a short series where e < 1/32)
     sigma(-z)    = e / (1 + e) if x >= 0 else 1 / (1 + e)        one reciprocal, only for gradients
 
 When the scores require gradients, the same pass also sums sigma(-z) along both tile axes: row
@@ -71,7 +71,7 @@ def _mw_loss_kernel(
     grad_neg_ptr,    # out (TILES_P, Q, N) fp32 contiguous, or (Q, N) zero-filled with ATOMIC_NEG (GRAD_NEG)
     Q, P, N, n_per_split,                   # n_per_split: negatives per split, a multiple of BLOCK_N
     scale2, inv_tau,                        # log2(e) / tau and 1 / tau
-    HAS_PMASK: tl.constexpr, HAS_NMASK: tl.constexpr,
+    HAS_PMASK: tl.constexpr, HAS_NMASK: tl.constexpr, PAIR_MASK: tl.constexpr,
     GRAD_POS: tl.constexpr, GRAD_NEG: tl.constexpr, ATOMIC_NEG: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -95,12 +95,15 @@ def _mw_loss_kernel(
                                  q, cols, n_end, HAS_NMASK)
         # x = z * log2(e). Invalid pairs get x = +inf, which gives softplus(-z) = 0 and sigma(-z) = 0.
         x = (p[:, None] - n[None, :]) * scale2
-        x = tl.where(row_ok[:, None] & col_ok[None, :], x, float("inf"))
+        if PAIR_MASK:
+            x = tl.where(row_ok[:, None] & col_ok[None, :], x, float("inf"))
         e = tl.exp2(-tl.abs(x))
         u = 1.0 + e
-        # log2(1 + e) = log2(u) - c / (u ln 2), where c = (u - 1) - e is the rounding error of u;
-        # (3 - u) / 2 stands in for 1 / u (exact at u = 1, where the correction is the whole answer).
-        log1p2 = tl.log2(u) - ((u - 1.0) - e) * (1.5 - 0.5 * u) * 1.4426950408889634
+        # log2(1 + e): the series e (1 - e/2 + e^2/3 - e^3/4 + e^4/5) / ln 2 below 1/32 (truncation
+        # < 1e-8 relative), where rounding u = 1 + e would lose e; log2(u) above (value >= 0.044).
+        series = e * (1.4426950408889634 + e * (-0.7213475204444817 + e * (0.48089834696298783
+                      + e * (-0.36067376022224085 + e * 0.28853900817779266))))
+        log1p2 = tl.where(e < 0.03125, series, tl.log2(u))
         loss_rows += tl.sum(tl.maximum(-x, 0.0) + log1p2, axis=1)
         if GRAD_POS or GRAD_NEG:
             r = 1.0 / u
@@ -231,7 +234,8 @@ def _pair_sums(
         pos, pos.stride(0), pos.stride(1), neg, neg.stride(0), neg.stride(1),
         pm, spm_q, spm_p, nm, snm_q, snm_n,
         loss, gpos, gneg, q, p, n, per_split, LOG2E / tau, 1.0 / tau,
-        HAS_PMASK=has_pm, HAS_NMASK=has_nm, GRAD_POS=grad_pos, GRAD_NEG=grad_neg, ATOMIC_NEG=atomic, **launch,
+        HAS_PMASK=has_pm, HAS_NMASK=has_nm, PAIR_MASK=has_pm or has_nm or p % launch["BLOCK_P"] != 0
+        or n % launch["BLOCK_N"] != 0, GRAD_POS=grad_pos, GRAD_NEG=grad_neg, ATOMIC_NEG=atomic, **launch,
     )
     loss = loss.sum(dim=(1, 2))
     if grad_pos:
