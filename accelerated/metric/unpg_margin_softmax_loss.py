@@ -320,7 +320,8 @@ def _class_backward_rows_kernel(
         rw = _inv_norm(wnorm_ptr, cols, c_end, eps)
         gc = _class_grad_tile(x, rx, y, m, l, g, w, rw, cols, c_end, scale, cos_m, sin_m, margin,
                               ARCFACE, PRECISION)
-        acc = tl.dot((gc * rw[None, :]).to(w.dtype), w, acc, input_precision=PRECISION)
+        w_hat = (w.to(tl.float32) * rw[:, None]).to(w.dtype)  # unit rows: O(1) operands in 16-bit too
+        acc = tl.dot(gc.to(w.dtype), w_hat, acc, input_precision=PRECISION)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
     out = dxh_ptr + (split * B + rows[:, None]) * D + d[None, :]
     tl.store(out, acc, mask=(rows < B)[:, None] & (d < D)[None, :])
@@ -352,7 +353,8 @@ def _class_backward_cols_kernel(
         g = tl.load(g_ptr + rows * stride_g, mask=rows < B, other=0.0).to(tl.float32)
         gc = _class_grad_tile(x, rx, y, m, l, g, w, rw, cols, C, scale, cos_m, sin_m, margin,
                               ARCFACE, PRECISION)
-        acc = tl.dot(tl.trans((gc * rx[:, None]).to(x.dtype)), x, acc, input_precision=PRECISION)
+        x_hat = (x.to(tl.float32) * rx[:, None]).to(x.dtype)
+        acc = tl.dot(tl.trans(gc.to(x.dtype)), x_hat, acc, input_precision=PRECISION)
     # Backward of w / max(||w||, eps): (dŴ - ŵ (ŵ · dŴ)) ρ above eps, dŴ / eps at or below it.
     w_hat = w.to(tl.float32) * rw[:, None]
     radial = tl.where((wn > eps)[:, None], w_hat * tl.sum(w_hat * acc, axis=1)[:, None], 0.0)
@@ -387,16 +389,17 @@ def _pair_backward_kernel(
         xj = _load_rows(x_ptr, rows_j, B, stride_xb, stride_xd, D, BLOCK_D)
         rj = _inv_norm(xnorm_ptr, rows_j, B, eps)
         yj = tl.load(y_ptr + rows_j * stride_y, mask=rows_j < B, other=0).to(tl.int64)
+        xj_hat = (xj.to(tl.float32) * rj[:, None]).to(xj.dtype)
         if j >= i:  # pairs (p in I, q in J), p < q: tile in the canonical orientation, rows I
             n = _cos_tile(xi, ri, xj, rj, PRECISION)
             keep = _negative_pairs(rows_i, yi, rows_j, yj, B) & (n >= lo) & (n <= hi)
             gp = coef * tl.exp(tl.where(keep, scale * n - shift, -float("inf")))
-            acc = tl.dot((gp * rj[None, :]).to(xj.dtype), xj, acc, input_precision=PRECISION)
+            acc = tl.dot(gp.to(xj.dtype), xj_hat, acc, input_precision=PRECISION)
         if j <= i:  # pairs (q in J, p in I), q < p: canonical tile has rows J; use its transpose
             n = _cos_tile(xj, rj, xi, ri, PRECISION)
             keep = _negative_pairs(rows_j, yj, rows_i, yi, B) & (n >= lo) & (n <= hi)
             gp = coef * tl.exp(tl.where(keep, scale * n - shift, -float("inf")))
-            acc = tl.dot(tl.trans((gp * rj[:, None]).to(xj.dtype)), xj, acc, input_precision=PRECISION)
+            acc = tl.dot(tl.trans(gp.to(xj.dtype)), xj_hat, acc, input_precision=PRECISION)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
     tl.store(dxh_ptr + rows_i[:, None] * D + d[None, :], acc, mask=(rows_i < B)[:, None] & (d < D)[None, :])
 

@@ -119,7 +119,7 @@ def _normalize(a: np.ndarray, eps: float):
 
 def _normalize_grad(g: np.ndarray, a_hat: np.ndarray, norm: np.ndarray, eps: float) -> np.ndarray:
     """Backward of ``a / max(||a||, eps)``: a projection where the norm is above eps, a plain scale below."""
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):
         projected = (g - a_hat * np.sum(a_hat * g, axis=1, keepdims=True)) / norm
         return np.where(norm > eps, projected, g / eps)
 
