@@ -51,7 +51,7 @@ __all__ = ["isogclr_loss", "isogclr_init_state", "ISogCLRLoss", "STATE_FIELDS"]
 
 HAS_TRITON_BACKWARD = True
 
-_STATS = 5  # per-anchor floats saved by the forward: d, 1/tau, b', 1/den, W
+_STATS = 5  # per-anchor floats saved by the forward: d, 1/tau, m, r, W (see the docstring)
 
 
 def _launch(b: int, d: int) -> dict:
@@ -81,13 +81,21 @@ def _similarity_tile(q_ptr, stride_qb, stride_qd, k_ptr, stride_kb, stride_kd, r
 
 
 @triton.jit
+def _logaddexp(a, b):
+    """log(exp(a) + exp(b)), -inf when both are -inf."""
+    mx = tl.maximum(a, b)
+    shift = tl.where(mx == float("-inf"), 0.0, mx)
+    return shift + tl.log(tl.exp(a - shift) + tl.exp(b - shift))
+
+
+@triton.jit
 def _isogclr_stats_kernel(
     q_ptr, stride_qb, stride_qd,        # (B, D) anchors of this side; element (a, c) at a*stride_qb + c*stride_qd
     k_ptr, stride_kb, stride_kd,        # (B, D) the other view, same convention
     state_ptr, stride_sb, stride_sf,    # (B, 4) anchors' state (tau, s, b, u), any float dtype, any strides
     new_state_ptr,                      # out (B, 4) fp32 contiguous: (tau_new, s', b', u'); NaN if invalid
     loss_ptr,                           # out (B,) fp32: loss_a; NaN if the anchor's state is invalid
-    stats_ptr,                          # out (5, B) fp32 contiguous: d, 1/tau, b', 1/den, W (for the backward)
+    stats_ptr,                          # out (5, B) fp32 contiguous: d, 1/tau, m, r, W (for the backward)
     B, D, gamma, rho, eta, beta_u, grad_clip, tau_min, tau_max, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -113,7 +121,7 @@ def _isogclr_stats_kernel(
         & (tl.abs(b) < float("inf")) & (tl.abs(u) < float("inf"))
     inv_tau = tl.where(valid, 1.0 / tau, 0.0)
 
-    run_max = tl.maximum(tl.where(valid, b, 0.0), 0.0)  # b'_a so far: stored b and the positive's hhat = 0
+    run_max = tl.zeros((BLOCK_M,), dtype=tl.float32)  # max_n hhat_an so far, seeded by the positive's 0
     sum_e = tl.zeros((BLOCK_M,), dtype=tl.float32)     # E_a, relative to run_max
     sum_eh = tl.zeros((BLOCK_M,), dtype=tl.float32)    # F_a, relative to run_max
     for n0 in range(0, B, BLOCK_N):
@@ -132,12 +140,17 @@ def _isogclr_stats_kernel(
 
     # NaN similarities make E NaN (the max may skip them): mark the whole anchor NaN then.
     bad = (~valid) | (sum_e != sum_e) | (diag != diag)
-    b_new = run_max
-    g = (sum_e + tl.exp(-b_new)) / (B - 1)
-    s_new = (1.0 - gamma) * s * tl.exp(b - b_new) + gamma * g
-    inv_den = 1.0 / (s_new + eps)
-    loss = sum_eh * inv_den / (B - 1)
-    delta = tl.log(s_new) + b_new + rho - loss * inv_tau
+    # Log space from here, relative to run_max = max_n hhat_an (m): the stored b may lie far above this
+    # batch's values, and exp(hhat - b') would then underflow in fp32 where the float64 definition does
+    # not. With b' = max(b, m):  s' e^(b' - m) = (1 - gamma) s e^(b - m) + gamma (E + e^-m) / (B - 1).
+    b_new = tl.maximum(b, run_max)
+    log_new = tl.log(gamma * (sum_e + tl.exp(-run_max)) / (B - 1))
+    log_old = tl.log((1.0 - gamma) * s) + (b - run_max)
+    log_s_m = _logaddexp(log_old, log_new)                                  # log s' + b' - m
+    log_den_m = _logaddexp(log_s_m, tl.log(eps + 0.0 * s) + (b_new - run_max))  # log (s' + eps) + b' - m
+    to_weight = tl.exp(-log_den_m)   # w_an = exp(hhat_an - m) * to_weight; at most (B - 1) / gamma
+    loss = sum_eh * to_weight / (B - 1)
+    delta = log_s_m + run_max + rho - loss * inv_tau  # log s' + b' + rho - sum_n w_an hhat_an / (B - 1)
     u_new = (1.0 - beta_u) * u + beta_u * tl.minimum(tl.maximum(delta, -grad_clip), grad_clip)
     tau_new = tl.minimum(tl.maximum(tau - eta * u_new, tau_min), tau_max)
 
@@ -145,14 +158,14 @@ def _isogclr_stats_kernel(
     tl.store(loss_ptr + rows, tl.where(bad, nan, loss), mask=row_ok)
     out = new_state_ptr + rows * 4
     tl.store(out, tl.where(bad, nan, tau_new), mask=row_ok)
-    tl.store(out + 1, tl.where(bad, nan, s_new), mask=row_ok)
+    tl.store(out + 1, tl.where(bad, nan, tl.exp(log_s_m + (run_max - b_new))), mask=row_ok)
     tl.store(out + 2, tl.where(bad, nan, b_new), mask=row_ok)
     tl.store(out + 3, tl.where(bad, nan, u_new), mask=row_ok)
     tl.store(stats_ptr + rows, diag, mask=row_ok)
     tl.store(stats_ptr + B + rows, tl.where(bad, nan, inv_tau), mask=row_ok)
-    tl.store(stats_ptr + 2 * B + rows, b_new, mask=row_ok)
-    tl.store(stats_ptr + 3 * B + rows, inv_den, mask=row_ok)
-    tl.store(stats_ptr + 4 * B + rows, sum_e * inv_den, mask=row_ok)
+    tl.store(stats_ptr + 2 * B + rows, run_max, mask=row_ok)
+    tl.store(stats_ptr + 3 * B + rows, to_weight, mask=row_ok)
+    tl.store(stats_ptr + 4 * B + rows, sum_e * to_weight, mask=row_ok)
 
 
 @triton.jit
@@ -165,7 +178,7 @@ def _isogclr_grad_kernel(
     dq_ptr, stride_dqb, stride_dqd,     # out (B, D) in the features' dtype
     B, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)  # which BLOCK_DO-wide slice of the D output features
@@ -176,10 +189,11 @@ def _isogclr_grad_kernel(
 
     d_a = tl.load(q_stats_ptr + rows, mask=row_ok, other=0.0)
     inv_tau_a = tl.load(q_stats_ptr + B + rows, mask=row_ok, other=0.0)
-    b_a = tl.load(q_stats_ptr + 2 * B + rows, mask=row_ok, other=0.0)
-    # Fold the upstream gradient and 1/(B - 1) into the anchor's 1/den: P stays O(1) for a 16-bit dot.
-    scale_a = tl.load(q_stats_ptr + 3 * B + rows, mask=row_ok, other=0.0) \
-        * tl.load(gq_ptr + rows * stride_gq, mask=row_ok, other=0.0).to(tl.float32) / (B - 1)
+    m_a = tl.load(q_stats_ptr + 2 * B + rows, mask=row_ok, other=0.0)
+    # Upstream gradients times 1/(B - 1), folded into the weights so that P is O(1) for a 16-bit dot.
+    g_a = tl.load(gq_ptr + rows * stride_gq, mask=row_ok, other=0.0).to(tl.float32) / (B - 1)
+    r_a = tl.load(q_stats_ptr + 3 * B + rows, mask=row_ok, other=0.0) * g_a
+    gk_a = tl.load(gk_ptr + rows * stride_gk, mask=row_ok, other=0.0).to(tl.float32) / (B - 1)
 
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     for n0 in range(0, B, BLOCK_N):
@@ -189,25 +203,26 @@ def _isogclr_grad_kernel(
                                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         d_n = tl.load(k_stats_ptr + cols, mask=col_ok, other=0.0)
         inv_tau_n = tl.load(k_stats_ptr + B + cols, mask=col_ok, other=0.0)
-        b_n = tl.load(k_stats_ptr + 2 * B + cols, mask=col_ok, other=0.0)
-        scale_n = tl.load(k_stats_ptr + 3 * B + cols, mask=col_ok, other=0.0) \
+        m_n = tl.load(k_stats_ptr + 2 * B + cols, mask=col_ok, other=0.0)
+        r_n = tl.load(k_stats_ptr + 3 * B + cols, mask=col_ok, other=0.0) \
             * tl.load(gk_ptr + cols * stride_gk, mask=col_ok, other=0.0).to(tl.float32) / (B - 1)
-        w_q = tl.exp((sim - d_a[:, None]) * inv_tau_a[:, None] - b_a[:, None]) * scale_a[:, None]
-        w_k = tl.exp((sim - d_n[None, :]) * inv_tau_n[None, :] - b_n[None, :]) * scale_n[None, :]
+        w_q = tl.exp((sim - d_a[:, None]) * inv_tau_a[:, None] - m_a[:, None]) * r_a[:, None]  # gq_a w_an
+        w_k = tl.exp((sim - d_n[None, :]) * inv_tau_n[None, :] - m_n[None, :]) * r_n[None, :]  # gk_n w~_an
         off = col_ok[None, :] & (cols[None, :] != rows[:, None])
         p = tl.where(off, w_q + w_k, 0.0)
         k_out = tl.load(k_ptr + cols[:, None] * stride_kb + outs[None, :] * stride_kd,
                         mask=col_ok[:, None] & out_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(k_out.dtype), k_out, acc, input_precision=PRECISION)
+        p_hi = p.to(k_out.dtype)
+        acc = tl.dot(p_hi, k_out, acc, input_precision=PRECISION)
+        if SPLIT_P:  # fp16: add the rounding error of P back, so the weights keep ~fp32 accuracy
+            acc = tl.dot((p - p_hi.to(tl.float32)).to(k_out.dtype), k_out, acc, input_precision=PRECISION)
 
     # The diagonal: S~_aa appears in every h_an of anchor a and in h~_na of the other side's anchor a.
-    w_sum_a = tl.load(q_stats_ptr + 4 * B + rows, mask=row_ok, other=0.0) \
-        * tl.load(gq_ptr + rows * stride_gq, mask=row_ok, other=0.0).to(tl.float32)
-    w_sum_k = tl.load(k_stats_ptr + 4 * B + rows, mask=row_ok, other=0.0) \
-        * tl.load(gk_ptr + rows * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
+    w_sum = g_a * tl.load(q_stats_ptr + 4 * B + rows, mask=row_ok, other=0.0) \
+        + gk_a * tl.load(k_stats_ptr + 4 * B + rows, mask=row_ok, other=0.0)
     k_a = tl.load(k_ptr + rows[:, None] * stride_kb + outs[None, :] * stride_kd,
                   mask=row_ok[:, None] & out_ok[None, :], other=0.0).to(tl.float32)
-    acc -= ((w_sum_a + w_sum_k) / (B - 1))[:, None] * k_a
+    acc -= w_sum[:, None] * k_a
     tl.store(dq_ptr + rows[:, None] * stride_dqb + outs[None, :] * stride_dqd,
              acc.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
 
@@ -263,7 +278,7 @@ def _isogclr_bwd(
     _isogclr_grad_kernel[grid](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), q_stats, k_stats,
         grad_q, grad_q.stride(0), grad_k, grad_k.stride(0), dq, dq.stride(0), dq.stride(1), bsz, dim,
-        PRECISION=rt.dot_precision(q.dtype), **cfg,
+        PRECISION=rt.dot_precision(q.dtype), SPLIT_P=q.dtype == torch.float16, **cfg,
     )
     return dq
 
