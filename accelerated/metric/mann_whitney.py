@@ -43,8 +43,9 @@ AUC_REDUCTIONS = ("mean", "none")
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-# (BLOCK_P, BLOCK_N, num_warps) on the GPU; 16 x 16 under the interpreter so small shapes cross tiles.
-GPU_TILES = (64, 128, 4)
+# (BLOCK_P, BLOCK_N, num_warps) on the GPU: 32 pairs a thread keeps the per-pair temporaries in
+# registers. 16 x 16 under the interpreter so small shapes cross tiles.
+GPU_TILES = (64, 64, 4)
 INTERPRETER_TILES = (16, 16, 1)
 MAX_SPLITS = 16          # splits of the negatives per (query, positive tile)
 MAX_DETERMINISTIC_TILES_P = 4  # above this many positive tiles, column sums use fp32 atomics
@@ -183,11 +184,12 @@ _SM_COUNT: dict = {}
 
 
 def _target_programs(device: torch.device) -> int:
+    """About 16 programs per SM: several resident at once and a short tail of the last wave."""
     if device.type != "cuda":
         return 1
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 4 * _SM_COUNT[device]
+    return 16 * _SM_COUNT[device]
 
 
 def _grid(q: int, p: int, n: int, device: torch.device):
