@@ -75,22 +75,29 @@ def _row_norm_kernel(
 
 
 @triton.jit
-def _load_unit_rows(x_ptr, stride_b, stride_d, rows, inv, row_mask, cols, D):
-    """ê for ``rows`` (with 1 / max(n, eps) in ``inv``) at columns ``cols``; 0 outside the masks."""
-    x = tl.load(x_ptr + rows[:, None] * stride_b + cols[None, :] * stride_d,
-                mask=row_mask[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
-    return x * inv[:, None]
+def _load_rows(x_ptr, stride_b, stride_d, rows, row_mask, cols, D):
+    """e for ``rows`` at columns ``cols`` in fp32; 0 outside the masks."""
+    return tl.load(x_ptr + rows[:, None] * stride_b + cols[None, :] * stride_d,
+                   mask=row_mask[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _tile_distance(x_ptr, stride_b, stride_d, rows_i, inv_i, mask_i, rows_j, inv_j, mask_j, D,
+def _load_unit_rows(x_ptr, stride_b, stride_d, rows, denom, row_mask, cols, D):
+    """ê = e / max(n, eps) for ``rows`` (the denominators in ``denom``) at columns ``cols``. A correctly
+    rounded division, as the reference's, keeps parallel rows exactly equal after normalisation
+    (with D = 1 every row is exactly +-1), so their distance is exactly 0 and is not counted."""
+    return tl.math.div_rn(_load_rows(x_ptr, stride_b, stride_d, rows, row_mask, cols, D), denom[:, None])
+
+
+@triton.jit
+def _tile_distance(x_ptr, stride_b, stride_d, rows_i, den_i, mask_i, rows_j, den_j, mask_j, D,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """The (BLOCK_I, BLOCK_J) tile d_ij = |ê_i - ê_j| from direct differences, D in chunks."""
     acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-        xi = _load_unit_rows(x_ptr, stride_b, stride_d, rows_i, inv_i, mask_i, cols, D)
-        xj = _load_unit_rows(x_ptr, stride_b, stride_d, rows_j, inv_j, mask_j, cols, D)
+        xi = _load_unit_rows(x_ptr, stride_b, stride_d, rows_i, den_i, mask_i, cols, D)
+        xj = _load_unit_rows(x_ptr, stride_b, stride_d, rows_j, den_j, mask_j, cols, D)
         diff = xi[:, None, :] - xj[None, :, :]
         acc += tl.sum(diff * diff, axis=2)
     return tl.sqrt(acc)
@@ -125,9 +132,9 @@ def _clean_forward_kernel(
     rows_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
     rows_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
     mask_i, mask_j = rows_i < B, rows_j < B
-    inv_i = 1.0 / tl.maximum(tl.load(norm_ptr + rows_i, mask=mask_i, other=1.0), eps)
-    inv_j = 1.0 / tl.maximum(tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0), eps)
-    dist = _tile_distance(x_ptr, stride_b, stride_d, rows_i, inv_i, mask_i, rows_j, inv_j, mask_j, D,
+    den_i = tl.maximum(tl.load(norm_ptr + rows_i, mask=mask_i, other=1.0), eps)
+    den_j = tl.maximum(tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0), eps)
+    dist = _tile_distance(x_ptr, stride_b, stride_d, rows_i, den_i, mask_i, rows_j, den_j, mask_j, D,
                           BLOCK_I, BLOCK_J, BLOCK_D)
     pos_loss, neg_loss = _tile_losses(labels_ptr, stride_label, rows_i, mask_i, rows_j, mask_j, dist,
                                       pos_margin, neg_margin)
@@ -149,29 +156,33 @@ def _load_triples(anchors_ptr, stride_a, mix_a_ptr, stride_ma, mix_b_ptr, stride
 
 
 @triton.jit
-def _triple_geometry(x_ptr, stride_b, stride_d, a, inv_a, i, j, t_mask, D, lam, eps, BLOCK_D: tl.constexpr):
+def _mixed_rows(x_ptr, stride_b, stride_d, i, j, t_mask, cols, D, lam):
+    """z = lam e_i + (1 - lam) e_j at columns ``cols``, the same operations in every pass."""
+    xi = _load_rows(x_ptr, stride_b, stride_d, i, t_mask, cols, D)
+    xj = _load_rows(x_ptr, stride_b, stride_d, j, t_mask, cols, D)
+    return lam * xi + (1.0 - lam) * xj
+
+
+@triton.jit
+def _triple_geometry(x_ptr, stride_b, stride_d, a, den_a, i, j, t_mask, D, lam, eps, BLOCK_D: tl.constexpr):
     """|z|, d = |ê_a - ẑ| and ê_a·ẑ for the mixed vectors z = lam e_i + (1 - lam) e_j."""
     z_sq = tl.zeros(a.shape, dtype=tl.float32)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-        xi = _load_unit_rows(x_ptr, stride_b, stride_d, i, tl.full(a.shape, 1.0, tl.float32), t_mask, cols, D)
-        xj = _load_unit_rows(x_ptr, stride_b, stride_d, j, tl.full(a.shape, 1.0, tl.float32), t_mask, cols, D)
-        z = lam * xi + (1.0 - lam) * xj
+        z = _mixed_rows(x_ptr, stride_b, stride_d, i, j, t_mask, cols, D, lam)
         z_sq += tl.sum(z * z, axis=1)
     z_norm = tl.sqrt(z_sq)
-    inv_z = 1.0 / tl.maximum(z_norm, eps)
+    den_z = tl.maximum(z_norm, eps)
     d_sq = tl.zeros(a.shape, dtype=tl.float32)
     dot = tl.zeros(a.shape, dtype=tl.float32)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-        ea = _load_unit_rows(x_ptr, stride_b, stride_d, a, inv_a, t_mask, cols, D)
-        xi = _load_unit_rows(x_ptr, stride_b, stride_d, i, inv_z * lam, t_mask, cols, D)
-        xj = _load_unit_rows(x_ptr, stride_b, stride_d, j, inv_z * (1.0 - lam), t_mask, cols, D)
-        zhat = xi + xj
+        ea = _load_unit_rows(x_ptr, stride_b, stride_d, a, den_a, t_mask, cols, D)
+        zhat = tl.math.div_rn(_mixed_rows(x_ptr, stride_b, stride_d, i, j, t_mask, cols, D, lam), den_z[:, None])
         diff = ea - zhat
         d_sq += tl.sum(diff * diff, axis=1)
         dot += tl.sum(ea * zhat, axis=1)
-    return z_norm, inv_z, tl.sqrt(d_sq), dot
+    return z_norm, den_z, tl.sqrt(d_sq), dot
 
 
 @triton.jit
@@ -190,8 +201,8 @@ def _mixed_forward_kernel(
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     t_mask = t < M
     a, i, j, ok = _load_triples(anchors_ptr, stride_a, mix_a_ptr, stride_ma, mix_b_ptr, stride_mb, t, t_mask, B)
-    inv_a = 1.0 / tl.maximum(tl.load(norm_ptr + a, mask=t_mask, other=1.0), eps)
-    _, _, dist, _ = _triple_geometry(x_ptr, stride_b, stride_d, a, inv_a, i, j, t_mask, D, lam, eps, BLOCK_D)
+    den_a = tl.maximum(tl.load(norm_ptr + a, mask=t_mask, other=1.0), eps)
+    _, _, dist, _ = _triple_geometry(x_ptr, stride_b, stride_d, a, den_a, i, j, t_mask, D, lam, eps, BLOCK_D)
     # An out-of-range index poisons the loss with NaN (raising would need a device synchronisation).
     pos_loss = tl.where(t_mask, tl.where(ok, lam * _hinge(dist - pos_margin), float("nan")), 0.0)
     neg_loss = tl.where(t_mask, tl.where(ok, (1.0 - lam) * _hinge(neg_margin - dist), float("nan")), 0.0)
@@ -223,15 +234,15 @@ def _clean_backward_kernel(
     rows_i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
     mask_i = rows_i < B
     norm_i = tl.load(norm_ptr + rows_i, mask=mask_i, other=1.0)
-    inv_i = 1.0 / tl.maximum(norm_i, eps)
+    den_i = tl.maximum(norm_i, eps)
     coef_pos = _set_coefficients(grad_ptr, counts_ptr, 0, 1.0)
     coef_neg = _set_coefficients(grad_ptr, counts_ptr, 1, 1.0)
     out_rows = out_ptr + rows_i[:, None] * D
     for start_j in range(0, B, BLOCK_J):
         rows_j = start_j + tl.arange(0, BLOCK_J).to(tl.int64)
         mask_j = rows_j < B
-        inv_j = 1.0 / tl.maximum(tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0), eps)
-        dist = _tile_distance(x_ptr, stride_b, stride_d, rows_i, inv_i, mask_i, rows_j, inv_j, mask_j, D,
+        den_j = tl.maximum(tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0), eps)
+        dist = _tile_distance(x_ptr, stride_b, stride_d, rows_i, den_i, mask_i, rows_j, den_j, mask_j, D,
                               BLOCK_I, BLOCK_J, BLOCK_D)
         pos_loss, neg_loss = _tile_losses(labels_ptr, stride_label, rows_i, mask_i, rows_j, mask_j, dist,
                                           pos_margin, neg_margin)
@@ -240,8 +251,8 @@ def _clean_backward_kernel(
         q = tl.where((c != 0.0) & (dist != 0.0), 2.0 * c / tl.where(dist == 0.0, 1.0, dist), 0.0)
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-            xi = _load_unit_rows(x_ptr, stride_b, stride_d, rows_i, inv_i, mask_i, cols, D)
-            xj = _load_unit_rows(x_ptr, stride_b, stride_d, rows_j, inv_j, mask_j, cols, D)
+            xi = _load_unit_rows(x_ptr, stride_b, stride_d, rows_i, den_i, mask_i, cols, D)
+            xj = _load_unit_rows(x_ptr, stride_b, stride_d, rows_j, den_j, mask_j, cols, D)
             term = tl.where(q[:, :, None] != 0.0, q[:, :, None] * (xi[:, None, :] - xj[None, :, :]), 0.0)
             ptrs = out_rows + cols[None, :]
             m = mask_i[:, None] & (cols < D)[None, :]
@@ -251,15 +262,15 @@ def _clean_backward_kernel(
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
         m = mask_i[:, None] & (cols < D)[None, :]
-        xi = _load_unit_rows(x_ptr, stride_b, stride_d, rows_i, inv_i, mask_i, cols, D)
+        xi = _load_unit_rows(x_ptr, stride_b, stride_d, rows_i, den_i, mask_i, cols, D)
         proj += tl.sum(xi * tl.load(out_rows + cols[None, :], mask=m, other=0.0), axis=1)
     proj = tl.where(norm_i > eps, proj, 0.0)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
         m = mask_i[:, None] & (cols < D)[None, :]
-        xi = _load_unit_rows(x_ptr, stride_b, stride_d, rows_i, inv_i, mask_i, cols, D)
+        xi = _load_unit_rows(x_ptr, stride_b, stride_d, rows_i, den_i, mask_i, cols, D)
         g = tl.load(out_rows + cols[None, :], mask=m, other=0.0)
-        tl.store(out_rows + cols[None, :], (g - xi * proj[:, None]) * inv_i[:, None], mask=m)
+        tl.store(out_rows + cols[None, :], (g - xi * proj[:, None]) / den_i[:, None], mask=m)
 
 
 @triton.jit
@@ -277,8 +288,8 @@ def _mixed_backward_kernel(
     t_mask = t < M
     a, i, j, ok = _load_triples(anchors_ptr, stride_a, mix_a_ptr, stride_ma, mix_b_ptr, stride_mb, t, t_mask, B)
     norm_a = tl.load(norm_ptr + a, mask=t_mask, other=1.0)
-    inv_a = 1.0 / tl.maximum(norm_a, eps)
-    z_norm, inv_z, dist, dot = _triple_geometry(x_ptr, stride_b, stride_d, a, inv_a, i, j, t_mask, D, lam, eps,
+    den_a = tl.maximum(norm_a, eps)
+    z_norm, den_z, dist, dot = _triple_geometry(x_ptr, stride_b, stride_d, a, den_a, i, j, t_mask, D, lam, eps,
                                                 BLOCK_D)
     coef_pos = _set_coefficients(grad_ptr, counts_ptr, 2, mix_weight * lam)
     coef_neg = _set_coefficients(grad_ptr, counts_ptr, 3, mix_weight * (1.0 - lam))
@@ -289,21 +300,19 @@ def _mixed_backward_kernel(
     q = tl.where(ok, q, 0.0)
     # v = q (ê_a - ẑ) is d loss / d ê_a and -v is d loss / d ẑ. Their projections on ê_a and ẑ, for the
     # normalisations' backward, come from the dot products already at hand.
-    a_sq = (norm_a * inv_a) * (norm_a * inv_a)
-    z_sq = (z_norm * inv_z) * (z_norm * inv_z)
+    a_sq = (norm_a / den_a) * (norm_a / den_a)  # |ê_a|², 1 unless n_a <= eps
+    z_sq = (z_norm / den_z) * (z_norm / den_z)
     proj_a = tl.where(norm_a > eps, q * (a_sq - dot), 0.0)
     proj_z = tl.where(z_norm > eps, q * (dot - z_sq), 0.0)
     live = q != 0.0
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
         m = live[:, None] & (cols < D)[None, :]
-        ea = _load_unit_rows(x_ptr, stride_b, stride_d, a, inv_a, live, cols, D)
-        xi = _load_unit_rows(x_ptr, stride_b, stride_d, i, inv_z * lam, live, cols, D)
-        xj = _load_unit_rows(x_ptr, stride_b, stride_d, j, inv_z * (1.0 - lam), live, cols, D)
-        zhat = xi + xj
+        ea = _load_unit_rows(x_ptr, stride_b, stride_d, a, den_a, live, cols, D)
+        zhat = tl.math.div_rn(_mixed_rows(x_ptr, stride_b, stride_d, i, j, live, cols, D, lam), den_z[:, None])
         v = q[:, None] * (ea - zhat)
-        grad_a = (v - ea * proj_a[:, None]) * inv_a[:, None]
-        grad_z = (zhat * proj_z[:, None] - v) * inv_z[:, None]
+        grad_a = (v - ea * proj_a[:, None]) / den_a[:, None]
+        grad_z = (zhat * proj_z[:, None] - v) / den_z[:, None]
         tl.atomic_add(out_ptr + a[:, None] * D + cols[None, :], grad_a, mask=m)
         tl.atomic_add(out_ptr + i[:, None] * D + cols[None, :], lam * grad_z, mask=m)
         tl.atomic_add(out_ptr + j[:, None] * D + cols[None, :], (1.0 - lam) * grad_z, mask=m)
