@@ -55,10 +55,11 @@ _STATS = 5  # per-anchor floats saved by the forward: d, 1/tau, m, r, W (see the
 
 
 def _launch(b: int, d: int) -> dict:
-    """Tile sizes: 16 under the interpreter (so small test shapes cross tile boundaries), else
-    128 x 64 tiles with 64-wide D chunks; the backward keeps up to 256 output features per program."""
+    """Tile sizes. Under the interpreter 16 x 16 tiles (so small test batches cross tile boundaries)
+    with 32-wide feature chunks (D = 40 crosses those); on the GPU 128 x 64 tiles with 64-wide D
+    chunks, and the backward keeps up to 256 output features per program."""
     if rt.interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=16, num_warps=1, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_DO=32, num_warps=1, num_stages=1)
     do = max(16, min(256, triton.next_power_of_2(d)))
     return dict(BLOCK_M=64 if do > 128 else 128, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=do, num_warps=8,
                 num_stages=2)

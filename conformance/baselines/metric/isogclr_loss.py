@@ -13,8 +13,9 @@ def isogclr_loss(image_features, text_features, state_image, state_text, *, gamm
     sim = torch.where(torch.isfinite(sim), sim, torch.full_like(sim, float("nan")))
     diag = torch.diagonal(sim)
     bsz = sim.shape[0]
-    tau_i, s_i, b_i, u_i = state_image.float().unbind(1)
-    tau_t, s_t, b_t, u_t = state_text.float().unbind(1)
+    state_dtype = torch.promote_types(state_image.dtype, torch.float32)  # fp32 buffers (fp64 stays fp64)
+    tau_i, s_i, b_i, u_i = state_image.to(state_dtype).unbind(1)
+    tau_t, s_t, b_t, u_t = state_text.to(state_dtype).unbind(1)
 
     image_diffs = sim - diag[:, None]
     text_diffs = sim - diag[None, :]

@@ -70,7 +70,8 @@ def _hyper(draw) -> dict:
 @st.composite
 def _samples(draw, profile: str, dtype: str):
     rng = seed(draw)
-    b = draw(st.sampled_from([n for n in EMBED_BATCH[profile] if n >= 2]))
+    # Under the interpreter every tile costs milliseconds: the ci profile stops at 17 (one tile boundary).
+    b = draw(st.sampled_from([n for n in EMBED_BATCH[profile] if 2 <= n <= (17 if profile == "ci" else 10**9)]))
     d = draw(st.sampled_from(EMBED_DIMS[profile]))
     scale = draw(st.sampled_from((1.0, 1.0, 0.5)))  # unit rows as the model gives them; sometimes shorter
     x = embeddings(rng, b, d, normalize=True) * scale
@@ -105,7 +106,6 @@ def _examples() -> list[Sample]:
     stale[:, 2] = 2.0 / stale[:, 0] + 120.0  # stored maxima far above any current value: exp underflows in fp32
     return [
         sample(x, y, cold, cold, "first visit (s = b = u = 0)"),
-        sample(x, y, warm, cold, "carried-over image state, new texts"),
         sample(x[:2], y[:2], warm[:2], warm[:2], "B = 2: one negative per anchor"),
         sample(x, x, cold, cold, "identical views: every positive equals its row's maximum"),
         sample(nan_x, y, warm, warm, "NaN in image 3: row 3 and every text column are NaN"),
