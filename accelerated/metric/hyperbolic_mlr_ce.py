@@ -131,6 +131,21 @@ def _dots(x_ptr, stride_xn, stride_xd, rows, live,
 
 
 @triton.jit
+def _dot_acc(d, b, acc, PRECISION: tl.constexpr):
+    """acc + d @ b for an fp32 tile ``d`` of gradient terms and an input tile ``b``. For 16-bit inputs
+    d is split into a 16-bit head and a 16-bit remainder (two exact tensor-core products, ~16 more bits
+    than one rounding of d): the gradient is a sum of terms that can cancel by a factor of 100 near
+    the boundary, which a single 16-bit rounding of d would turn into percent-level errors."""
+    if b.dtype == tl.float32:
+        acc = tl.dot(d, b, acc, input_precision=PRECISION)
+    else:
+        head = d.to(b.dtype)
+        acc = tl.dot(head, b, acc, input_precision=PRECISION)
+        acc = tl.dot((d - head.to(tl.float32)).to(b.dtype), b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _row_sq_norms(x_ptr, stride_xn, stride_xd, rows, live, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     x2 = tl.zeros((BLOCK_N,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -247,8 +262,8 @@ def _mlr_backward_rows_kernel(
                         mask=in_k[:, None] & in_d[None, :], other=0.0)
             p = tl.load(p_ptr + cols[:, None] * stride_pk + ds[None, :] * stride_pd,
                         mask=in_k[:, None] & in_d[None, :], other=0.0)
-            part = tl.dot(d_xa.to(a.dtype), a, input_precision=PRECISION)
-            part = tl.dot(d_xp.to(p.dtype), p, part, input_precision=PRECISION)
+            part = _dot_acc(d_xa, a, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), PRECISION)
+            part = _dot_acc(d_xp, p, part, PRECISION)
             acc_ptrs = acc_ptr + rows[:, None] * D + ds[None, :]
             mask = in_n[:, None] & in_d[None, :]
             # this program owns these rows: read what earlier class tiles left (nothing at k0 = 0)
@@ -313,10 +328,10 @@ def _mlr_backward_cols_kernel(
             mask = in_k[:, None] & in_d[None, :]
             offs = out_off + cols[:, None] * D + ds[None, :]
             first = r0 == row_start
-            ga = tl.dot(d_xa.to(x.dtype), x, input_precision=PRECISION)
+            ga = _dot_acc(d_xa, x, tl.zeros((BLOCK_K, BLOCK_D), tl.float32), PRECISION)
             ga += tl.load(ga_ptr + offs, mask=mask & ~first, other=0.0)
             tl.store(ga_ptr + offs, ga, mask=mask)
-            gp = tl.dot(d_xp.to(x.dtype), x, input_precision=PRECISION)
+            gp = _dot_acc(d_xp, x, tl.zeros((BLOCK_K, BLOCK_D), tl.float32), PRECISION)
             gp += tl.load(gp_ptr + offs, mask=mask & ~first, other=0.0)
             tl.store(gp_ptr + offs, gp, mask=mask)
     cls_off = split * K * 3 + cols * 3
