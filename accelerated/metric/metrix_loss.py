@@ -45,10 +45,12 @@ MODES = ("pos_neg", "anc_neg")
 
 
 def _blocks() -> dict:
-    """Tile sizes: 16-wide under the interpreter so small test shapes cross tile boundaries."""
+    """Tile sizes: 16-wide under the interpreter so small test shapes cross tile boundaries. On the GPU
+    a clean tile holds BLOCK_I x BLOCK_J x BLOCK_D differences (64 registers a thread at 4 warps), a
+    triple block BLOCK_T x BLOCK_DT elements of each gathered row (not yet tuned on a GPU)."""
     if rt.interpreting():
-        return dict(BLOCK_I=16, BLOCK_J=16, BLOCK_D=16, BLOCK_T=32, BLOCK_R=16, warps=1)
-    return dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=16, BLOCK_T=32, BLOCK_R=32, warps=4)
+        return dict(BLOCK_I=16, BLOCK_J=16, BLOCK_D=16, BLOCK_T=32, BLOCK_DT=16, BLOCK_R=16, warps=1)
+    return dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=8, BLOCK_T=32, BLOCK_DT=128, BLOCK_R=32, warps=4)
 
 
 @triton.jit
@@ -305,16 +307,29 @@ def _mixed_backward_kernel(
     proj_a = tl.where(norm_a > eps, q * (a_sq - dot), 0.0)
     proj_z = tl.where(z_norm > eps, q * (dot - z_sq), 0.0)
     live = q != 0.0
+    # The authors' triples come sorted by anchor, so a block usually shares one anchor (and one mix_a
+    # row): then the block adds its summed row once instead of BLOCK_T times into the same addresses.
+    one_a = tl.min(tl.where(live, a, B), axis=0) == tl.max(tl.where(live, a, -1), axis=0)
+    one_i = tl.min(tl.where(live, i, B), axis=0) == tl.max(tl.where(live, i, -1), axis=0)
+    row_a = tl.max(tl.where(live, a, -1), axis=0)
+    row_i = tl.max(tl.where(live, i, -1), axis=0)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-        m = live[:, None] & (cols < D)[None, :]
+        col_mask = cols < D
+        m = live[:, None] & col_mask[None, :]
         ea = _load_unit_rows(x_ptr, stride_b, stride_d, a, den_a, live, cols, D)
         zhat = tl.math.div_rn(_mixed_rows(x_ptr, stride_b, stride_d, i, j, live, cols, D, lam), den_z[:, None])
         v = q[:, None] * (ea - zhat)
-        grad_a = (v - ea * proj_a[:, None]) / den_a[:, None]
-        grad_z = (zhat * proj_z[:, None] - v) / den_z[:, None]
-        tl.atomic_add(out_ptr + a[:, None] * D + cols[None, :], grad_a, mask=m)
-        tl.atomic_add(out_ptr + i[:, None] * D + cols[None, :], lam * grad_z, mask=m)
+        grad_a = tl.where(m, (v - ea * proj_a[:, None]) / den_a[:, None], 0.0)
+        grad_z = tl.where(m, (zhat * proj_z[:, None] - v) / den_z[:, None], 0.0)
+        if one_a:
+            tl.atomic_add(out_ptr + row_a * D + cols, tl.sum(grad_a, axis=0), mask=col_mask)
+        else:
+            tl.atomic_add(out_ptr + a[:, None] * D + cols[None, :], grad_a, mask=m)
+        if one_i:
+            tl.atomic_add(out_ptr + row_i * D + cols, lam * tl.sum(grad_z, axis=0), mask=col_mask)
+        else:
+            tl.atomic_add(out_ptr + i[:, None] * D + cols[None, :], lam * grad_z, mask=m)
         tl.atomic_add(out_ptr + j[:, None] * D + cols[None, :], (1.0 - lam) * grad_z, mask=m)
 
 
@@ -349,7 +364,7 @@ def _metrix_forward(
         _mixed_forward_kernel[(grid_t,)](
             x, sb, sd, anchors, anchors.stride(0), mix_a, mix_a.stride(0), mix_b, mix_b.stride(0), norms,
             mixed_sums, mixed_counts, b, d, m, lam, pos_margin, neg_margin, EPS,
-            BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["warps"],
+            BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_DT"], num_warps=cfg["warps"],
         )
     sums = torch.cat([clean_sums.sum(0), mixed_sums.sum(0)])
     counts = torch.cat([clean_counts.sum(0, dtype=torch.int64), mixed_counts.sum(0, dtype=torch.int64)])
@@ -385,7 +400,7 @@ def _metrix_backward(
         _mixed_backward_kernel[(_cdiv(m, cfg["BLOCK_T"]),)](
             grad, x, sb, sd, anchors, anchors.stride(0), mix_a, mix_a.stride(0), mix_b, mix_b.stride(0), norms,
             counts, out, b, d, m, lam, mix_weight, pos_margin, neg_margin, EPS,
-            BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["warps"],
+            BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_DT"], num_warps=cfg["warps"],
         )
     return out if embeddings.dtype == torch.float32 else out.to(embeddings.dtype)
 

@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import strategies as st
 
 from twinops.reference.metric.metrix_loss import EPS, metrix_triples
-from twinops.conformance.registry import register
-from twinops.conformance.spec import BadInput, BenchCase, Sample, Spec, Tolerance
-from twinops.conformance.strategies import EMBED_BATCH, EMBED_DIMS, LAYOUTS, embeddings, seed, upstream_grad
+from ...registry import register
+from ...spec import BadInput, BenchCase, Sample, Spec, Tolerance
+from ...strategies import EMBED_BATCH, EMBED_DIMS, LAYOUTS, embeddings, seed, upstream_grad
 
 NAME = "metrix_loss"
 REF = "twinops.reference.metric.metrix_loss"
