@@ -326,8 +326,8 @@ def _focal_infonce_rows_backward(
     inv_temp = 1.0 / temperature
     qs, ps, ns = (query.stride(0), query.stride(1)), (positive.stride(0), positive.stride(1)), \
         (negatives.stride(0), negatives.stride(1))
-    empty = query.new_empty(0)
-    d_query = d_positive = d_negatives = empty
+    # Gradients nobody asked for are distinct empty tensors (custom-op outputs must not alias).
+    d_query, d_positive, d_negatives = query.new_empty(0), query.new_empty(0), query.new_empty(0)
     if need_query:
         acc = torch.zeros((b, d), device=query.device, dtype=torch.float32)
         _focal_infonce_dq_kernel[(triton.cdiv(b, tiles["BLOCK_M"]),)](
