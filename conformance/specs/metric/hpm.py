@@ -56,25 +56,23 @@ def _relative_examples():
     rng = np.random.default_rng(3)
     pred = rng.normal(size=(2, 5))
     target = rng.normal(size=(2, 5))
+    nan_pred, nan_target = pred.copy(), target.copy()
+    nan_pred[1, 2] = np.nan
+    nan_target[0, 1] = np.nan
+    far = pred * 1e3  # sigmoid saturates: the eps bound (about 13.8 a pair) is reached
+    cases = (
+        (pred, np.full((2, 5), 1.0), 1e-6, "mean", "every target tied: no pair to rank"),
+        (pred[:, :1], target[:, :1], 1e-6, "none", "one patch per image"),
+        (nan_pred, target, 1e-6, "none", "NaN prediction"),
+        (pred, nan_target, 1e-6, "sum", "NaN target: its pairs are ignored"),
+        (far, target, 1e-6, "none", "saturated sigmoid"),
+        (far, target, 0.0, "mean", "saturated sigmoid, exact log-sigmoid"),
+    )
     out = []
-    for reduction in ("mean", "sum", "none"):
-        grad = upstream_grad(rng, (2,) if reduction == "none" else ())
-        kw = {"eps": 1e-6, "reduction": reduction}
-        nan_pred, nan_target = pred.copy(), target.copy()
-        nan_pred[1, 2] = np.nan
-        nan_target[0, 1] = np.nan
-        far = pred * 1e3  # sigmoid saturates: the eps bound (about 13.8 a pair) is reached
-        cases = (
-            (pred, np.full((2, 5), 1.0), "every target tied: no pair to rank", grad),
-            (pred[:, :1], target[:, :1], "one patch per image", grad),
-            (nan_pred, target, "NaN prediction", None),
-            (pred, nan_target, "NaN target: its pairs are ignored", grad),
-            (far, target, "saturated sigmoid", grad),
-        )
-        out += [Sample({"pred": p, "target": t}, kw, ("pred", "target"), grad_out=g, note=note)
-                for p, t, note, g in cases]
-        out.append(Sample({"pred": far, "target": target}, {"eps": 0.0, "reduction": reduction},
-                          ("pred", "target"), grad_out=grad, note="saturated sigmoid, exact log-sigmoid"))
+    for p, t, eps, reduction, note in cases:
+        grad = None if np.isnan(p).any() else upstream_grad(rng, (2,) if reduction == "none" else ())
+        out.append(Sample({"pred": p, "target": t}, {"eps": eps, "reduction": reduction}, ("pred", "target"),
+                          grad_out=grad, note=note))
     return out
 
 
