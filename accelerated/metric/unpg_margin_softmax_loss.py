@@ -9,15 +9,16 @@ I <= J (the pairs p < q of the strict upper triangle are always computed in this
 pass sees bit-identical cosines and the filter decides the same way each time).
 
 Forward
-  1. Radix select (4 passes over the pair tiles, 8 bits each) finds the two order statistics
-     Q1 = ñ[L // 4] and Q3 = ñ[3L // 4] of the negative-pair cosines: each pass histograms one byte
-     of the order-preserving integer key of the pairs whose higher bytes match the prefix found so
-     far (``_pair_histogram_kernel``), then one program picks the byte holding each rank
-     (``_radix_step_kernel``). The last step writes the whisker bounds lo, hi.
+  1. Radix select (two passes over the pair tiles, 16 bits each) finds the two order statistics
+     Q1 = ñ[L // 4] and Q3 = ñ[3L // 4] of the negative-pair cosines: ``_pair_histogram_kernel``
+     histograms the upper half of the order-preserving integer key, the host picks the bin holding
+     each rank (cumsum on the device, no synchronisation), a second pass histograms the lower half
+     of the keys in those bins. This gives the whisker bounds lo, hi.
   2. ``_pair_sumexp_kernel``: per row p, (max, sum of exp) of s·n over its kept pairs p < q; combined
      on the host into log E = M + log Ẽ (two scalars).
   3. ``_class_forward_kernel``: per (row block, class split), online log-sum-exp over the class
-     tiles with the margin applied to the target column in-tile; writes (m, l) per row and split
+     tiles with the margin applied to the target column in-tile (the target cosine and its margin
+     are computed once per row block from the gathered rows W[y]); writes (m, l) per row and split
      and the target logit. The host merges the splits and the shared term E:
      loss_i = (m_i - z_iy) + log l_i.
   Saved for the backward: (m_i, l_i) per row, the norms, and four scalars (lo, hi, M, Ẽ).
@@ -53,71 +54,41 @@ CLAMP_HI = 1.0 - 2.0**-20  # ArcFace clamp of the target cosine, exactly represe
 MAX_SPLITS = 8  # class splits per row block on the GPU (each adds one (B, D) fp32 slab backward)
 
 
-# ------------------------------------------------------------------------------------- tile helpers
+# ------------------------------------------------------------------------------------- helpers
 
 
 @triton.jit
-def _load_rows(ptr, rows, n_rows, stride_row, stride_col, D, BLOCK_D: tl.constexpr):
-    """A (len(rows), BLOCK_D) tile of a row-major-ish matrix, zero outside the matrix."""
-    cols = tl.arange(0, BLOCK_D).to(tl.int64)
-    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
-    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+def _row_block(ptr, stride_row, stride_col, norm_ptr, rows, n_rows, D, eps, BLOCK_D: tl.constexpr):
+    """Rows ``rows`` of an (n_rows, D) matrix as a (len(rows), BLOCK_D) tile, zero outside the matrix,
+    and their inverse norms r = 1 / max(||row||, eps) (torch.nn.functional.normalize's denominator)."""
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    mask = (rows < n_rows)[:, None] & (d < D)[None, :]
+    tile = tl.load(ptr + rows[:, None] * stride_row + d[None, :] * stride_col, mask=mask, other=0.0)
+    r = 1.0 / tl.maximum(tl.load(norm_ptr + rows, mask=rows < n_rows, other=1.0), eps)
+    return tile, r
 
 
 @triton.jit
-def _inv_norm(norm_ptr, rows, n_rows, eps):
-    """r = 1 / max(||row||, eps) from the fp32 norms (torch.nn.functional.normalize's denominator)."""
-    return 1.0 / tl.maximum(tl.load(norm_ptr + rows, mask=rows < n_rows, other=1.0), eps)
-
-
-@triton.jit
-def _cos_tile(a, ra, b, rb, PRECISION: tl.constexpr):
-    """(a bᵀ) ra rb: cosines of the rows of two tiles, fp32."""
-    return tl.dot(a, tl.trans(b), input_precision=PRECISION) * ra[:, None] * rb[None, :]
-
-
-@triton.jit
-def _negative_pairs(rows_a, ya, rows_b, yb, B):
-    """Mask of the pairs (p, q) of a pair tile that are negative pairs: p < q < B, y_p != y_q."""
-    return (rows_a[:, None] < rows_b[None, :]) & (rows_b < B)[None, :] & (ya[:, None] != yb[None, :])
-
-
-@triton.jit
-def _order_key(t):
-    """fp32 -> int32 whose signed order is the float order (negative floats: low 31 bits flipped)."""
-    bits = t.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def _key_to_float(key):
-    bits = key ^ ((key >> 31) & 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _margin_target(c, cos_m, sin_m, margin, ARCFACE: tl.constexpr):
-    """t(c): cos(arccos(clamp(c)) + m) = c' cos m - sin θ sin m for ArcFace, c - m for CosFace."""
+def _target(x, rx, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
+            ARCFACE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per row of a block: the margin target t(c) of the target cosine c = x̂_i · ŵ_{y_i}, and dt/dc.
+    ArcFace: cos(arccos(c') + m) = c' cos m - sin θ sin m with c' = c clamped to ±(1 - 2^-20) and
+    sin θ = sqrt((1 - c')(1 + c')) (no cancellation near |c| = 1); dt/dc = cos m + sin m · c / sin θ
+    strictly inside the clamp, 0 at or beyond it. CosFace: t = c - m, dt/dc = 1."""
+    safe = tl.where((y >= 0) & (y < C), y, 0)
+    w_y, r_y = _row_block(w_ptr, stride_wc, stride_wd, wnorm_ptr, safe, C, D, eps, BLOCK_D)
+    c = tl.sum(x.to(tl.float32) * w_y.to(tl.float32), axis=1) * rx * r_y
     if ARCFACE:
-        hi = 0.99999904632568359375  # 1 - 2^-20
-        cc = tl.where(c > hi, hi, tl.where(c < -hi, -hi, c))  # where, not minimum: keeps NaN
-        sin_theta = tl.sqrt((1.0 - cc) * (1.0 + cc))  # (1 - c)(1 + c): no cancellation near |c| = 1
-        return cc * cos_m - sin_theta * sin_m
-    else:
-        return c - margin
-
-
-@triton.jit
-def _margin_slope(c, cos_m, sin_m, ARCFACE: tl.constexpr):
-    """dt/dc: sin(θ + m) / sin θ = cos m + sin m · c / sin θ strictly inside the clamp, 0 at or beyond it."""
-    if ARCFACE:
-        hi = 0.99999904632568359375
+        hi = 0.99999904632568359375  # 1 - 2^-20, exact in fp32
         inside = (c < hi) & (c > -hi)
-        sin_theta = tl.sqrt(tl.where(inside, (1.0 - c) * (1.0 + c), 1.0))
-        slope = tl.where(inside, cos_m + sin_m * c / sin_theta, 0.0)
-        return tl.where(c != c, float("nan"), slope)
+        cc = tl.where(c > hi, hi, tl.where(c < -hi, -hi, c))  # where, not minimum: keeps NaN
+        sin_theta = tl.sqrt((1.0 - cc) * (1.0 + cc))
+        t = cc * cos_m - sin_theta * sin_m
+        slope = tl.where(inside, cos_m + sin_m * c / tl.where(inside, sin_theta, 1.0), 0.0)
     else:
-        return tl.where(c != c, float("nan"), 1.0)
+        t = c - margin
+        slope = tl.full(c.shape, 1.0, tl.float32)
+    return t, tl.where(c != c, float("nan"), slope)
 
 
 # ------------------------------------------------------------------------------------- pair filter
@@ -128,83 +99,50 @@ def _pair_histogram_kernel(
     x_ptr, stride_xb, stride_xd,      # (B, D) embeddings
     xnorm_ptr,                        # (B,) fp32 row norms
     y_ptr, stride_y,                  # (B,) integer labels
-    state_ptr,                        # (5,) int64: prefix and remaining rank of Q1, of Q3; L
-    hist_ptr,                         # out (2, 256) int32, zeroed by the host: byte counts for Q1, Q3
+    prefix_ptr,                       # (2,) int32: upper 16 bits of the keys of Q1, Q3 (read when not HIGH)
+    hist_ptr,                         # out, zeroed by the host: (65536,) int32 if HIGH, else (2, 65536)
     B, D, eps,
-    SHIFT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HIGH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One radix-select pass over the negative-pair cosines n_pq (p < q, y_p != y_q) of row block i
+    against blocks j >= i. Key = the fp32 bits with the low 31 bits flipped for negative values, so
+    that the signed integer order is the float order. HIGH: histogram of the upper 16 bits (offset
+    to 0..65535); otherwise histograms of the lower 16 bits of the keys whose upper half matches Q1's
+    prefix, and of those matching Q3's."""
     i = tl.program_id(0).to(tl.int64)
     rows_a = i * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    xa = _load_rows(x_ptr, rows_a, B, stride_xb, stride_xd, D, BLOCK_D)
-    ra = _inv_norm(xnorm_ptr, rows_a, B, eps)
+    xa, ra = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows_a, B, D, eps, BLOCK_D)
     ya = tl.load(y_ptr + rows_a * stride_y, mask=rows_a < B, other=0).to(tl.int64)
-    prefix0 = tl.load(state_ptr).to(tl.int32)
-    prefix1 = tl.load(state_ptr + 2).to(tl.int32)
+    if not HIGH:
+        top0 = tl.load(prefix_ptr)
+        top1 = tl.load(prefix_ptr + 1)
     for j in range(i, tl.cdiv(B, BLOCK_P)):
         rows_b = j * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        xb = _load_rows(x_ptr, rows_b, B, stride_xb, stride_xd, D, BLOCK_D)
-        rb = _inv_norm(xnorm_ptr, rows_b, B, eps)
+        xb, rb = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows_b, B, D, eps, BLOCK_D)
         yb = tl.load(y_ptr + rows_b * stride_y, mask=rows_b < B, other=0).to(tl.int64)
-        valid = _negative_pairs(rows_a, ya, rows_b, yb, B)
-        key = _order_key(_cos_tile(xa, ra, xb, rb, PRECISION))
-        if SHIFT == 24:  # top byte, as unsigned order: add 128 to the signed byte
-            digit = ((key >> 24) + 128) & 255
-            tl.atomic_add(hist_ptr + digit, 1, mask=valid)
-            tl.atomic_add(hist_ptr + 256 + digit, 1, mask=valid)
+        valid = (rows_a[:, None] < rows_b[None, :]) & (rows_b < B)[None, :] & (ya[:, None] != yb[None, :])
+        n = tl.dot(xa, tl.trans(xb), input_precision=PRECISION) * ra[:, None] * rb[None, :]
+        bits = n.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        if HIGH:
+            tl.atomic_add(hist_ptr + ((key >> 16) + 32768), 1, mask=valid)
         else:
-            digit = (key >> SHIFT) & 255
-            match0 = valid & ((key >> (SHIFT + 8)) == (prefix0 >> (SHIFT + 8)))
-            match1 = valid & ((key >> (SHIFT + 8)) == (prefix1 >> (SHIFT + 8)))
-            tl.atomic_add(hist_ptr + digit, 1, mask=match0)
-            tl.atomic_add(hist_ptr + 256 + digit, 1, mask=match1)
-
-
-@triton.jit
-def _radix_step_kernel(
-    hist_ptr,      # (2, 256) int32 byte counts of this pass
-    state_ptr,     # (5,) int64, updated: prefix and remaining rank of Q1, of Q3; L
-    bounds_ptr,    # out (2,) fp32, written on the last pass: lo = Q1 - w IQR, hi = Q3 + w IQR
-    whisker,
-    SHIFT: tl.constexpr,
-):
-    bins = tl.arange(0, 256)
-    for t in tl.static_range(2):
-        h = tl.load(hist_ptr + t * 256 + bins).to(tl.int64)
-        if SHIFT == 24:
-            total = tl.sum(h, axis=0)  # L, the number of negative pairs
-            tl.store(state_ptr + 4, total)
-            rank = (total * (1 + 2 * t)) // 4  # int(0.25 L) for Q1, int(0.75 L) for Q3
-        else:
-            rank = tl.load(state_ptr + 2 * t + 1)
-        cum = tl.cumsum(h, axis=0)
-        digit = tl.sum((cum <= rank).to(tl.int32), axis=0)  # the byte whose bin holds the rank-th value
-        below = tl.sum(tl.where(bins < digit, h, 0), axis=0)
-        if SHIFT == 24:
-            prefix = (digit - 128) << 24
-        else:
-            prefix = tl.load(state_ptr + 2 * t).to(tl.int32) | (digit << SHIFT)
-        tl.store(state_ptr + 2 * t, prefix.to(tl.int64))
-        tl.store(state_ptr + 2 * t + 1, rank - below)
-    if SHIFT == 0:
-        q1 = _key_to_float(tl.load(state_ptr).to(tl.int32))
-        q3 = _key_to_float(tl.load(state_ptr + 2).to(tl.int32))
-        iqr = q3 - q1
-        tl.store(bounds_ptr, q1 - whisker * iqr)
-        tl.store(bounds_ptr + 1, q3 + whisker * iqr)
+            low = key & 0xFFFF
+            tl.atomic_add(hist_ptr + low, 1, mask=valid & ((key >> 16) == top0))
+            tl.atomic_add(hist_ptr + 65536 + low, 1, mask=valid & ((key >> 16) == top1))
 
 
 @triton.jit
 def _pair_sumexp_kernel(
     x_ptr, stride_xb, stride_xd, xnorm_ptr, y_ptr, stride_y,  # as in _pair_histogram_kernel
-    bounds_ptr,                       # (2,) fp32 lo, hi
+    bounds_ptr,                       # (2,) fp32: lo = Q1 - w IQR, hi = Q3 + w IQR
     out_ptr,                          # out (2, B) fp32: per row p, max and sum of exp(s n - max) over its kept pairs p < q
     B, D, eps, scale,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     rows_a = i * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    xa = _load_rows(x_ptr, rows_a, B, stride_xb, stride_xd, D, BLOCK_D)
-    ra = _inv_norm(xnorm_ptr, rows_a, B, eps)
+    xa, ra = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows_a, B, D, eps, BLOCK_D)
     ya = tl.load(y_ptr + rows_a * stride_y, mask=rows_a < B, other=0).to(tl.int64)
     lo = tl.load(bounds_ptr)
     hi = tl.load(bounds_ptr + 1)
@@ -212,11 +150,10 @@ def _pair_sumexp_kernel(
     l = tl.zeros((BLOCK_P,), tl.float32)
     for j in range(i, tl.cdiv(B, BLOCK_P)):
         rows_b = j * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        xb = _load_rows(x_ptr, rows_b, B, stride_xb, stride_xd, D, BLOCK_D)
-        rb = _inv_norm(xnorm_ptr, rows_b, B, eps)
+        xb, rb = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows_b, B, D, eps, BLOCK_D)
         yb = tl.load(y_ptr + rows_b * stride_y, mask=rows_b < B, other=0).to(tl.int64)
-        valid = _negative_pairs(rows_a, ya, rows_b, yb, B)
-        n = _cos_tile(xa, ra, xb, rb, PRECISION)
+        valid = (rows_a[:, None] < rows_b[None, :]) & (rows_b < B)[None, :] & (ya[:, None] != yb[None, :])
+        n = tl.dot(xa, tl.trans(xb), input_precision=PRECISION) * ra[:, None] * rb[None, :]
         keep = valid & (n >= lo) & (n <= hi)
         z = scale * n
         m_new = tl.maximum(m, tl.max(tl.where(keep, z, -float("inf")), axis=1))
@@ -240,7 +177,7 @@ def _class_forward_kernel(
     w_ptr, stride_wc, stride_wd,      # (C, D) class centres
     wnorm_ptr,                        # (C,) fp32 row norms
     part_ptr,                         # out (2, splits, B) fp32: running max m and sum l of each split
-    zy_ptr,                           # out (B,) fp32: target logit s t_i, written by the split holding y_i
+    zy_ptr,                           # out (B,) fp32: target logit s t_i (written by split 0)
     B, C, D, classes_per_split, eps, scale, cos_m, sin_m, margin,
     ARCFACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -249,46 +186,26 @@ def _class_forward_kernel(
     split = tl.program_id(1).to(tl.int64)
     splits = tl.num_programs(1)
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    x = _load_rows(x_ptr, rows, B, stride_xb, stride_xd, D, BLOCK_D)
-    rx = _inv_norm(xnorm_ptr, rows, B, eps)
+    x, rx = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows, B, D, eps, BLOCK_D)
     y = tl.load(y_ptr + rows * stride_y, mask=rows < B, other=-1).to(tl.int64)
+    t, _ = _target(x, rx, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
+                   ARCFACE, BLOCK_D)
     c_begin = split * classes_per_split
     c_end = tl.minimum(c_begin + classes_per_split, C)
     m = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
-    zy = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(c_begin, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        w = _load_rows(w_ptr, cols, c_end, stride_wc, stride_wd, D, BLOCK_D)
-        rw = _inv_norm(wnorm_ptr, cols, c_end, eps)
-        cos = _cos_tile(x, rx, w, rw, PRECISION)
-        is_target = cols[None, :] == y[:, None]
-        t = _margin_target(tl.sum(tl.where(is_target, cos, 0.0), axis=1), cos_m, sin_m, margin, ARCFACE)
-        z = scale * tl.where(is_target, t[:, None], cos)
+        w, rw = _row_block(w_ptr, stride_wc, stride_wd, wnorm_ptr, cols, c_end, D, eps, BLOCK_D)
+        cos = tl.dot(x, tl.trans(w), input_precision=PRECISION) * rx[:, None] * rw[None, :]
+        z = scale * tl.where(cols[None, :] == y[:, None], t[:, None], cos)  # margin on the target column
         z = tl.where((cols < c_end)[None, :], z, -float("inf"))
-        zy += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
     tl.store(part_ptr + split * B + rows, m, mask=rows < B)
     tl.store(part_ptr + (splits + split) * B + rows, l, mask=rows < B)
-    tl.store(zy_ptr + rows, zy, mask=(rows < B) & (y >= c_begin) & (y < c_end))
-
-
-@triton.jit
-def _class_grad_tile(x, rx, y, m, l, g, w, rw, cols, n_cols, scale, cos_m, sin_m, margin,
-                     ARCFACE: tl.constexpr, PRECISION: tl.constexpr):
-    """Gc = dLoss/dcos on one class tile: g_i s (p_ij - [j = y_i]), times dt/dcos at the target."""
-    cos = _cos_tile(x, rx, w, rw, PRECISION)
-    is_target = cols[None, :] == y[:, None]
-    c_target = tl.sum(tl.where(is_target, cos, 0.0), axis=1)
-    t = _margin_target(c_target, cos_m, sin_m, margin, ARCFACE)
-    slope = _margin_slope(c_target, cos_m, sin_m, ARCFACE)
-    z = scale * tl.where(is_target, t[:, None], cos)
-    z = tl.where((cols < n_cols)[None, :], z, -float("inf"))
-    p = tl.exp(z - m[:, None]) / l[:, None]
-    d = tl.where(is_target, (p - 1.0) * slope[:, None], p)
-    return (g * scale)[:, None] * d
+    tl.store(zy_ptr + rows, scale * t, mask=(rows < B) & (split == 0))
 
 
 @triton.jit
@@ -296,7 +213,7 @@ def _class_backward_rows_kernel(
     x_ptr, stride_xb, stride_xd, xnorm_ptr, y_ptr, stride_y,  # as in the forward
     w_ptr, stride_wc, stride_wd, wnorm_ptr,
     stats_ptr,                        # (B, 2) fp32 from the forward: m_i, l_i (lse_i = m_i + log l_i)
-    g_ptr, stride_g,                  # (B,) upstream gradient of the row losses
+    g_ptr, stride_g,                  # (B,) fp32 upstream gradient of the row losses
     dxh_ptr,                          # out (splits + 1, B, D) fp32 contiguous: slab `split` gets Σ_J Gc Ŵ_J
     B, C, D, classes_per_split, eps, scale, cos_m, sin_m, margin,
     ARCFACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -305,21 +222,26 @@ def _class_backward_rows_kernel(
     i = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    x = _load_rows(x_ptr, rows, B, stride_xb, stride_xd, D, BLOCK_D)
-    rx = _inv_norm(xnorm_ptr, rows, B, eps)
+    x, rx = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows, B, D, eps, BLOCK_D)
     y = tl.load(y_ptr + rows * stride_y, mask=rows < B, other=-1).to(tl.int64)
+    t, slope = _target(x, rx, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
+                       ARCFACE, BLOCK_D)
     m = tl.load(stats_ptr + rows * 2, mask=rows < B, other=0.0)
     l = tl.load(stats_ptr + rows * 2 + 1, mask=rows < B, other=1.0)
-    g = tl.load(g_ptr + rows * stride_g, mask=rows < B, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + rows * stride_g, mask=rows < B, other=0.0) * scale
     c_begin = split * classes_per_split
     c_end = tl.minimum(c_begin + classes_per_split, C)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for c0 in range(c_begin, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        w = _load_rows(w_ptr, cols, c_end, stride_wc, stride_wd, D, BLOCK_D)
-        rw = _inv_norm(wnorm_ptr, cols, c_end, eps)
-        gc = _class_grad_tile(x, rx, y, m, l, g, w, rw, cols, c_end, scale, cos_m, sin_m, margin,
-                              ARCFACE, PRECISION)
+        w, rw = _row_block(w_ptr, stride_wc, stride_wd, wnorm_ptr, cols, c_end, D, eps, BLOCK_D)
+        cos = tl.dot(x, tl.trans(w), input_precision=PRECISION) * rx[:, None] * rw[None, :]
+        is_target = cols[None, :] == y[:, None]
+        z = scale * tl.where(is_target, t[:, None], cos)
+        z = tl.where((cols < c_end)[None, :], z, -float("inf"))
+        p = tl.exp(z - m[:, None]) / l[:, None]
+        # Gc = dLoss/dcos: g s (p - [j = y]), times dt/dc on the target column.
+        gc = g[:, None] * tl.where(is_target, (p - 1.0) * slope[:, None], p)
         w_hat = (w.to(tl.float32) * rw[:, None]).to(w.dtype)  # unit rows: O(1) operands in 16-bit too
         acc = tl.dot(gc.to(w.dtype), w_hat, acc, input_precision=PRECISION)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -339,23 +261,27 @@ def _class_backward_cols_kernel(
 ):
     j = tl.program_id(0).to(tl.int64)
     cols = j * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    w = _load_rows(w_ptr, cols, C, stride_wc, stride_wd, D, BLOCK_D)
-    wn = tl.load(wnorm_ptr + cols, mask=cols < C, other=1.0)
-    rw = 1.0 / tl.maximum(wn, eps)
+    w, rw = _row_block(w_ptr, stride_wc, stride_wd, wnorm_ptr, cols, C, D, eps, BLOCK_D)
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for r0 in range(0, B, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        x = _load_rows(x_ptr, rows, B, stride_xb, stride_xd, D, BLOCK_D)
-        rx = _inv_norm(xnorm_ptr, rows, B, eps)
+        x, rx = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows, B, D, eps, BLOCK_D)
         y = tl.load(y_ptr + rows * stride_y, mask=rows < B, other=-1).to(tl.int64)
+        t, slope = _target(x, rx, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
+                           ARCFACE, BLOCK_D)
         m = tl.load(stats_ptr + rows * 2, mask=rows < B, other=0.0)
         l = tl.load(stats_ptr + rows * 2 + 1, mask=rows < B, other=1.0)
-        g = tl.load(g_ptr + rows * stride_g, mask=rows < B, other=0.0).to(tl.float32)
-        gc = _class_grad_tile(x, rx, y, m, l, g, w, rw, cols, C, scale, cos_m, sin_m, margin,
-                              ARCFACE, PRECISION)
+        g = tl.load(g_ptr + rows * stride_g, mask=rows < B, other=0.0) * scale
+        cos = tl.dot(x, tl.trans(w), input_precision=PRECISION) * rx[:, None] * rw[None, :]
+        is_target = cols[None, :] == y[:, None]
+        z = scale * tl.where(is_target, t[:, None], cos)
+        z = tl.where((cols < C)[None, :], z, -float("inf"))
+        p = tl.exp(z - m[:, None]) / l[:, None]
+        gc = g[:, None] * tl.where(is_target, (p - 1.0) * slope[:, None], p)
         x_hat = (x.to(tl.float32) * rx[:, None]).to(x.dtype)
         acc = tl.dot(tl.trans(gc.to(x.dtype)), x_hat, acc, input_precision=PRECISION)
-    # Backward of w / max(||w||, eps): (dŴ - ŵ (ŵ · dŴ)) ρ above eps, dŴ / eps at or below it.
+    # Backward of w / max(||w||, eps): (dŴ - ŵ (ŵ · dŴ)) / ||w|| above eps, dŴ / eps at or below it.
+    wn = tl.load(wnorm_ptr + cols, mask=cols < C, other=1.0)
     w_hat = w.to(tl.float32) * rw[:, None]
     radial = tl.where((wn > eps)[:, None], w_hat * tl.sum(w_hat * acc, axis=1)[:, None], 0.0)
     dw = (acc - radial) * rw[:, None]
@@ -369,35 +295,37 @@ def _pair_backward_kernel(
     x_ptr, stride_xb, stride_xd, xnorm_ptr, y_ptr, stride_y,  # as in _pair_histogram_kernel
     pair_ptr,                         # (4,) fp32: lo, hi, M (shift of log E), Ẽ
     coef_ptr,                         # (1,) fp32: c = s Σ_i g_i exp(M - lse_i)
-    dxh_ptr,                          # out: slab of (B, D) fp32 contiguous, gets Σ_q G_pq x̂_q
+    dxh_ptr,                          # out: a (B, D) fp32 contiguous slab, gets Σ_q G_pq x̂_q
     B, D, eps, scale,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """dX̂_p = Σ_q G_pq x̂_q over the kept pairs on either side of p, G_pq = c exp(s n_pq - M). Every pair
+    tile is recomputed in the forward's orientation (rows = the lower block) so that the filter sees
+    the same bits: tiles (i, j >= i) directly, tiles (j <= i, i) transposed."""
     i = tl.program_id(0).to(tl.int64)
     rows_i = i * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    xi = _load_rows(x_ptr, rows_i, B, stride_xb, stride_xd, D, BLOCK_D)
-    ri = _inv_norm(xnorm_ptr, rows_i, B, eps)
+    xi, ri = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows_i, B, D, eps, BLOCK_D)
     yi = tl.load(y_ptr + rows_i * stride_y, mask=rows_i < B, other=0).to(tl.int64)
     lo = tl.load(pair_ptr)
     hi = tl.load(pair_ptr + 1)
     shift = tl.load(pair_ptr + 2)
     coef = tl.load(coef_ptr)
     acc = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
-    n_blocks = tl.cdiv(B, BLOCK_P)
-    for j in range(0, n_blocks):
+    for j in range(0, tl.cdiv(B, BLOCK_P)):
         rows_j = j * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        xj = _load_rows(x_ptr, rows_j, B, stride_xb, stride_xd, D, BLOCK_D)
-        rj = _inv_norm(xnorm_ptr, rows_j, B, eps)
+        xj, rj = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows_j, B, D, eps, BLOCK_D)
         yj = tl.load(y_ptr + rows_j * stride_y, mask=rows_j < B, other=0).to(tl.int64)
         xj_hat = (xj.to(tl.float32) * rj[:, None]).to(xj.dtype)
-        if j >= i:  # pairs (p in I, q in J), p < q: tile in the canonical orientation, rows I
-            n = _cos_tile(xi, ri, xj, rj, PRECISION)
-            keep = _negative_pairs(rows_i, yi, rows_j, yj, B) & (n >= lo) & (n <= hi)
+        if j >= i:  # pairs (p in i, q in j), p < q
+            valid = (rows_i[:, None] < rows_j[None, :]) & (rows_j < B)[None, :] & (yi[:, None] != yj[None, :])
+            n = tl.dot(xi, tl.trans(xj), input_precision=PRECISION) * ri[:, None] * rj[None, :]
+            keep = valid & (n >= lo) & (n <= hi)
             gp = coef * tl.exp(tl.where(keep, scale * n - shift, -float("inf")))
             acc = tl.dot(gp.to(xj.dtype), xj_hat, acc, input_precision=PRECISION)
-        if j <= i:  # pairs (q in J, p in I), q < p: canonical tile has rows J; use its transpose
-            n = _cos_tile(xj, rj, xi, ri, PRECISION)
-            keep = _negative_pairs(rows_j, yj, rows_i, yi, B) & (n >= lo) & (n <= hi)
+        if j <= i:  # pairs (q in j, p in i), q < p: the canonical tile has rows j
+            valid = (rows_j[:, None] < rows_i[None, :]) & (rows_i < B)[None, :] & (yj[:, None] != yi[None, :])
+            n = tl.dot(xj, tl.trans(xi), input_precision=PRECISION) * rj[:, None] * ri[None, :]
+            keep = valid & (n >= lo) & (n <= hi)
             gp = coef * tl.exp(tl.where(keep, scale * n - shift, -float("inf")))
             acc = tl.dot(tl.trans(gp.to(xj.dtype)), xj_hat, acc, input_precision=PRECISION)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -439,6 +367,38 @@ def _hyper(margin_type: str, margin: float) -> dict:
     return dict(cos_m=math.cos(margin), sin_m=math.sin(margin), margin=margin, ARCFACE=margin_type == "arcface")
 
 
+def _select(hist: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``hist`` (k, 65536) counts and ``rank`` (k,): the bin holding the rank-th
+    value (0-based) and the rank left within that bin. Device-side, no synchronisation."""
+    counts = hist.to(torch.int64)
+    cum = counts.cumsum(dim=1)
+    digit = (cum <= rank[:, None]).sum(dim=1).clamp_max(65535)
+    below = cum.gather(1, digit[:, None])[:, 0] - counts.gather(1, digit[:, None])[:, 0]
+    return digit, rank - below
+
+
+def _whisker_bounds(xargs, b, d, eps, whisker, tiles) -> torch.Tensor:
+    """lo = Q1 - w IQR and hi = Q3 + w IQR (fp32, shape (2,)) of the negative-pair cosines, by a
+    two-pass radix select on 16-bit halves of the order-preserving keys. Q1 = ñ[L // 4] and
+    Q3 = ñ[3L // 4] are exact order statistics of the values the kernels compute."""
+    x = xargs[0]
+    n_pb = triton.cdiv(b, tiles["BLOCK_P"])
+    hist = torch.zeros(65536, device=x.device, dtype=torch.int32)
+    _pair_histogram_kernel[(n_pb,)](*xargs, hist, hist, b, d, eps, HIGH=True, **tiles)
+    total = hist.to(torch.int64).sum()  # L
+    rank = torch.stack((total // 4, (3 * total) // 4))
+    top, rank_low = _select(hist[None, :].expand(2, -1), rank)
+    top = (top - 32768).to(torch.int32)  # the upper halves as signed 16-bit values (key >> 16)
+    hist_low = torch.zeros((2, 65536), device=x.device, dtype=torch.int32)
+    _pair_histogram_kernel[(n_pb,)](*xargs, top, hist_low, b, d, eps, HIGH=False, **tiles)
+    low, _ = _select(hist_low, rank_low)
+    key = (top.to(torch.int64) * 65536 + low).to(torch.int32)
+    bits = key ^ ((key >> 31) & 0x7FFFFFFF)
+    q1, q3 = bits.view(torch.float32).unbind()
+    iqr = q3 - q1
+    return torch.stack((q1 - whisker * iqr, q3 + whisker * iqr))
+
+
 @torch.library.custom_op("twinops::unpg_margin_softmax_loss_rows", mutates_args=())
 def _unpg_rows(
     embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, margin_type: str, scale: float,
@@ -458,12 +418,7 @@ def _unpg_rows(
     if b > 1:
         n_pb = triton.cdiv(b, cfg["BLOCK_P"])
         tiles = dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], PRECISION=prec, num_warps=cfg["warps"])
-        state = torch.zeros(5, device=dev, dtype=torch.int64)
-        bounds = torch.zeros(2, device=dev, dtype=torch.float32)
-        for shift in (24, 16, 8, 0):
-            hist = torch.zeros((2, 256), device=dev, dtype=torch.int32)
-            _pair_histogram_kernel[(n_pb,)](*xargs, state, hist, b, d, eps, SHIFT=shift, **tiles)
-            _radix_step_kernel[(1,)](hist, state, bounds, whisker, SHIFT=shift)
+        bounds = _whisker_bounds(xargs, b, d, eps, whisker, tiles)
         row_stats = torch.empty((2, b), device=dev, dtype=torch.float32)
         _pair_sumexp_kernel[(n_pb,)](*xargs, bounds, row_stats, b, d, eps, scale, **tiles)
         m_blocks, l_blocks = row_stats[0], row_stats[1]

@@ -37,7 +37,7 @@ def _unpg(embeddings, labels, weight, *, margin_type="arcface", scale=64.0, marg
             iqr = q3 - q1
             sn = sn[(sn >= q1 - whisker * iqr) & (sn <= q3 + whisker * iqr)]
         logits = torch.cat([logits, scale * sn[None, :].expand(b, -1)], dim=1)
-    loss = F.cross_entropy(logits.float(), labels, reduction=reduction)
+    loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, reduction=reduction)
     return loss.to(embeddings.dtype)
 
 

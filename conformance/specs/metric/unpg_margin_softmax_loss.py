@@ -94,24 +94,19 @@ def _examples() -> list[Sample]:
         return Sample({"embeddings": x, "labels": np.asarray(y), "weight": w}, dict(kw, reduction=reduction),
                       FLOATS, grad_out=grad, note=note)
 
-    nan_x, inf_x, nan_w, zero_x = x.copy(), x.copy(), w.copy(), x.copy()
-    nan_x[2, 1], inf_x[4, 0], nan_w[3, 2], zero_x[3] = np.nan, np.inf, np.nan, 0.0
-    lonely = np.array([0, 0, 0, 0, 0, 1])
-    nan_lonely = x.copy()
-    nan_lonely[1, 0] = np.nan  # row 1 shares its label with rows 0, 2, 3, 4 but not with row 5
+    nan_x, inf_x, zero_x = x.copy(), x.copy(), x.copy()
+    nan_x[2, 1], inf_x[4, 0], zero_x[3] = np.nan, np.inf, 0.0
+    one_id = np.zeros(b, dtype=np.int64)
     return [
         sample(note="authors' defaults: ArcFace s=64 m=0.5 w=1.5"),
         sample(note="CosFace, mean", margin_type="cosface", margin=0.35, reduction="mean"),
-        sample(y=np.zeros(b, dtype=np.int64), note="one identity: no negative pair, E = 0", reduction="sum"),
+        sample(w=w[:1], y=one_id, note="one class, one identity: no negative pair, E = 0", reduction="sum"),
         sample(x=x[:1], y=y[:1], note="B = 1"),
-        sample(w=w[:1], y=np.zeros(b, dtype=np.int64), note="one class"),
-        sample(note="whisker 0: only [Q1, Q3] kept", whisker=0.0),
-        sample(x=np.concatenate([x[:3], w[:3] * 2.0]), note="embeddings parallel to their class centres "
-               "(target cosine 1, beyond the clamp)", y=np.array([0, 1, 2, 0, 1, 2])),
-        sample(x=nan_x, note="NaN embedding: every row NaN through E"),
-        sample(x=inf_x, note="inf embedding: NaN row, every row NaN through E"),
-        sample(w=nan_w, note="NaN class centre: every row NaN"),
-        sample(x=nan_lonely, y=lonely, note="NaN row 1 has a negative partner (row 5)", scale=8.0),
+        sample(x=np.concatenate([x[:3], w[:3] * 2.0]), y=np.array([0, 1, 2, 0, 1, 2]),
+               note="embeddings parallel to their class centres (target cosine 1, beyond the clamp)"),
+        sample(x=nan_x, note="NaN embedding with negative partners: every row NaN through E"),
+        sample(x=nan_x, y=one_id, note="NaN embedding without a negative partner: only its row NaN"),
+        sample(x=inf_x, note="inf embedding: NaN row, every row NaN through E", margin_type="cosface"),
         sample(x=zero_x, note="zero embedding row: x / eps", scale=4.0),
     ]
 
