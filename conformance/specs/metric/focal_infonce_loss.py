@@ -59,8 +59,9 @@ TOLERANCE = Tolerance(
 @st.composite
 def _samples(draw, profile: str, dtype: str):
     rng = seed(draw)
-    b = draw(st.sampled_from(EMBED_BATCH[profile]))
-    d = draw(st.sampled_from(EMBED_DIMS[profile]))
+    # The ci profile stops at one tile boundary (17) to keep interpreter runs short.
+    b = draw(st.sampled_from([x for x in EMBED_BATCH[profile] if profile != "ci" or x <= 17]))
+    d = draw(st.sampled_from([x for x in EMBED_DIMS[profile] if profile != "ci" or x <= 17]))
     h = draw(st.sampled_from(HARD_NEGATIVES[profile]))
     normalize = draw(st.booleans())
     scale = 1.0 if normalize else draw(st.sampled_from((0.1, 1.0, 3.0)))
