@@ -1,41 +1,47 @@
 """iSogCLR (P19) as flash-attention-shaped Triton kernels: the B x B similarity is never stored.
 See `twinops.reference.metric.isogclr_loss` for the definition.
 
-Both sides of the loss have the same shape once they are written from the anchor's point of view.
-For anchors ``q`` (the image rows X for the image side, the text rows Y for the text side) and the
-other view ``k``, with ``S~ = q k^T`` (S for images, S^T for texts) and the anchor's diagonal
-``d_a = q_a . k_a``:
+Both sides of the loss have the same shape once written from the anchor's point of view. For anchors
+``q`` (the image rows X for the image side, the text rows Y for the text side), the other view ``k``,
+``S~ = q k^T`` (S for images, S^T for texts) and the anchor's positive ``d_a = q_a . k_a``:
 
-    h_an = S~_an - d_a  (0 on the diagonal),   hhat_an = h_an / tau_a,
-    b'_a = max(b_a, 0, max_n hhat_an),         E_a = sum_{n != a} exp(hhat_an - b'_a),
-    F_a  = sum_{n != a} exp(hhat_an - b'_a) h_an,
-    g_a  = (E_a + exp(-b'_a)) / (B - 1)   (the positive's own term exp(0 - b'_a) added back),
-    s'_a = (1 - gamma) s_a exp(b_a - b'_a) + gamma g_a,      den_a = s'_a + eps,
-    loss_a = F_a / den_a / (B - 1),       sum_n w_an hhat_an / (B - 1) = loss_a / tau_a,
+    h_an = S~_an - d_a (0 on the diagonal),   hhat_an = h_an / tau_a,   m_a = max(0, max_n hhat_an),
+    E_a = sum_{n != a} exp(hhat_an - m_a),     F_a = sum_{n != a} exp(hhat_an - m_a) h_an,
 
-then the temperature update of the reference. So one kernel, ``_isogclr_stats_kernel``, runs twice:
-(X, Y, state_image) and (Y, X, state_text). A program owns BLOCK_M anchors and walks the other
-view in BLOCK_N tiles: ``tl.dot`` over D in BLOCK_K chunks gives the tile, the anchor's temperature
-is applied in-tile, and (b', E, F) are updated online exactly like flash-attention's running
-(max, sum, output): a tile that raises the max rescales E and F by exp(old - new). The running max
-is seeded with the stored b_a (and 0, the positive's hhat), which is the algorithm's own b'.
-Each side saves 5 floats per anchor (d, 1/tau, b', 1/den, W = E/den = sum_{n != a} w_an).
+so one kernel, ``_isogclr_stats_kernel``, runs twice: (X, Y, state_image) and (Y, X, state_text).
+A program owns BLOCK_M anchors and sweeps the other view in BLOCK_N tiles: ``tl.dot`` gives the
+tile, the anchor's temperature is applied in-tile, and (m, E, F) are updated online exactly like
+flash-attention's running (max, sum, output): a tile that raises the max rescales E and F by
+exp(old - new). The positive's own term (hhat_aa = 0) seeds m with 0 and is added back at the end.
+Then, in log space relative to m (the stored running max b may lie far above this batch's values,
+where exp(hhat - b') would underflow in fp32 but not in the float64 definition):
+
+    b' = max(b, m),   log(s' e^(b'-m)) = logaddexp(log((1-gamma) s) + b - m, log(gamma (E + e^-m) / (B-1))),
+    r_a = e^m / ((s' + eps) e^b')   so that   w_an = exp(hhat_an - m_a) r_a,
+    loss_a = F_a r_a / (B - 1),   delta_a = log s' + b' + rho - loss_a / tau_a,
+
+and the temperature update of the reference. Each side saves 5 floats per anchor for the backward:
+d, 1/tau, m, r and W = E r = sum_{n != a} w_an.
 
 Backward. With per-anchor upstream gradients gq (this side) and gk (the other side),
 ``dL/dS~_an = (gq_a w_an + gk_n w~_an) / (B - 1)`` off the diagonal, where ``w~_an`` is the other
-side's weight anchored at n: ``exp((S~_an - d_n) / tau~_n - b~'_n) / den~_n``; and on the diagonal
+side's weight anchored at n, ``exp((S~_an - d_n) / tau~_n - m~_n) r~_n``; on the diagonal
 ``-(gq_a W_a + gk_a W~_a) / (B - 1)``. So
 
     dq_a = [ sum_{n != a} (gq_a w_an + gk_n w~_an) k_n  -  (gq_a W_a + gk_a W~_a) k_a ] / (B - 1),
 
 ``_isogclr_grad_kernel``, run as (X; Y) for d image_features and (Y; X) for d text_features: the
-row pass and the column pass of flash-attention's dQ / dK kernels. Each recomputes the S tiles
-from the saved statistics, forms P = gq w + gk w~ in-tile (diagonal masked) and accumulates
-``P @ k`` into a BLOCK_M x BLOCK_DO fp32 accumulator; features wider than BLOCK_DO are split over
-a second grid axis (each chunk recomputes the tiles). Extra memory: 2 x (B, 4) new states, 2 x (B,)
-per-anchor losses, 2 x (5, B) statistics, all fp32; no B x B intermediate.
+row pass and the column pass of flash-attention's dQ / dK kernels. Each recomputes the tiles from the
+saved statistics, forms P = gq w + gk w~ in-tile (diagonal masked) and accumulates ``P @ k`` in fp32.
+P is rounded to the features' dtype for the dot (as flash-attention does with P @ V); for fp16 the
+rounding error is added back with a second dot, because fp16 checks are strict on the CPU lane and
+the benchmarks run bf16. Features up to 256 wide stay resident (loaded once per program; the k tile
+serves both dots); wider ones are walked in BLOCK_K chunks and the output is split into BLOCK_DO-wide
+chunks over a second grid axis, each chunk recomputing the tiles (see `_launch`).
 
-FLOPs: forward 2 sides x 2 B^2 D; backward 2 sides x (2 B^2 D per output chunk + 2 B^2 D).
+Extra memory: 2 x (B, 4) new states, 2 x (B,) per-anchor losses and 2 x (5, B) statistics, all fp32,
+plus the (B, D) gradients; no B x B intermediate. FLOPs: forward 2 sides x 2 B^2 D; backward
+2 sides x (2 B^2 D per output chunk + 2 B^2 D).
 """
 
 from __future__ import annotations
@@ -55,14 +61,36 @@ _STATS = 5  # per-anchor floats saved by the forward: d, 1/tau, m, r, W (see the
 
 
 def _launch(b: int, d: int) -> dict:
-    """Tile sizes. Under the interpreter 16 x 16 tiles (so small test batches cross tile boundaries)
-    with 32-wide feature chunks (D = 40 crosses those); on the GPU 128 x 64 tiles with 64-wide D
-    chunks, and the backward keeps up to 256 output features per program."""
+    """Tile sizes and whether the anchors' features stay resident.
+
+    ``RESIDENT`` (D fits one BLOCK_K chunk): a program loads its anchors' features once and keeps them
+    in registers for the whole sweep, as flash-attention keeps Q; in the backward the other view's
+    tile then serves both the similarity and ``P @ k``. Otherwise D is walked in BLOCK_K chunks for
+    every tile, and the backward splits the output features into BLOCK_DO-wide chunks (a second grid
+    axis; each chunk recomputes the tiles). Under the interpreter: 16 x 16 tiles and 32-wide chunks,
+    so the ci shapes cross tile boundaries and D = 40 takes the chunked path."""
     if rt.interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_DO=32, num_warps=1, num_stages=1)
-    do = max(16, min(256, triton.next_power_of_2(d)))
-    return dict(BLOCK_M=64 if do > 128 else 128, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=do, num_warps=8,
-                num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_DO=32, RESIDENT=d <= 32, num_warps=1,
+                    num_stages=1)
+    if d <= 256:
+        width = max(16, triton.next_power_of_2(d))
+        return dict(BLOCK_M=128 if width <= 128 else 64, BLOCK_N=64, BLOCK_K=width, BLOCK_DO=width,
+                    RESIDENT=True, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=256, RESIDENT=False, num_warps=8, num_stages=2)
+
+
+@triton.jit
+def _load_rows(ptr, stride_b, stride_d, idx, B, D, BLOCK_K: tl.constexpr):
+    """Rows ``idx`` of a (B, D) array, features [0, BLOCK_K) (the whole row when D <= BLOCK_K);
+    out-of-range entries read 0."""
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    return tl.load(ptr + idx[:, None] * stride_b + ks[None, :] * stride_d,
+                   mask=(idx[:, None] < B) & (ks[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _finite_or_nan(x):
+    return tl.where(tl.abs(x) < float("inf"), x, float("nan"))
 
 
 @triton.jit
@@ -78,7 +106,7 @@ def _similarity_tile(q_ptr, stride_qb, stride_qd, k_ptr, stride_kb, stride_kd, r
         k = tl.load(k_ptr + cols[:, None] * stride_kb + ks[None, :] * stride_kd,
                     mask=(cols[:, None] < B) & (ks[None, :] < D), other=0.0)
         acc = tl.dot(q, tl.trans(k), acc, input_precision=PRECISION)
-    return tl.where(tl.abs(acc) < float("inf"), acc, float("nan"))
+    return _finite_or_nan(acc)
 
 
 @triton.jit
@@ -98,21 +126,27 @@ def _isogclr_stats_kernel(
     loss_ptr,                           # out (B,) fp32: loss_a; NaN if the anchor's state is invalid
     stats_ptr,                          # out (5, B) fp32 contiguous: d, 1/tau, m, r, W (for the backward)
     B, D, gamma, rho, eta, beta_u, grad_clip, tau_min, tau_max, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < B
 
     # The positives d_a = q_a . k_a, in fp32.
-    diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        m2 = row_ok[:, None] & (ks[None, :] < D)
-        q = tl.load(q_ptr + rows[:, None] * stride_qb + ks[None, :] * stride_qd, mask=m2, other=0.0)
-        k = tl.load(k_ptr + rows[:, None] * stride_kb + ks[None, :] * stride_kd, mask=m2, other=0.0)
-        diag += tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)
-    diag = tl.where(tl.abs(diag) < float("inf"), diag, float("nan"))
+    if RESIDENT:
+        q_rows = _load_rows(q_ptr, stride_qb, stride_qd, rows, B, D, BLOCK_K)  # kept for the whole sweep
+        k_rows = _load_rows(k_ptr, stride_kb, stride_kd, rows, B, D, BLOCK_K)
+        diag = tl.sum(q_rows.to(tl.float32) * k_rows.to(tl.float32), axis=1)
+    else:
+        diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            m2 = row_ok[:, None] & (ks[None, :] < D)
+            q = tl.load(q_ptr + rows[:, None] * stride_qb + ks[None, :] * stride_qd, mask=m2, other=0.0)
+            k = tl.load(k_ptr + rows[:, None] * stride_kb + ks[None, :] * stride_kd, mask=m2, other=0.0)
+            diag += tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)
+    diag = _finite_or_nan(diag)
 
     tau = tl.load(state_ptr + rows * stride_sb, mask=row_ok, other=1.0).to(tl.float32)
     s = tl.load(state_ptr + rows * stride_sb + stride_sf, mask=row_ok, other=0.0).to(tl.float32)
@@ -127,8 +161,12 @@ def _isogclr_stats_kernel(
     sum_eh = tl.zeros((BLOCK_M,), dtype=tl.float32)    # F_a, relative to run_max
     for n0 in range(0, B, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        sim = _similarity_tile(q_ptr, stride_qb, stride_qd, k_ptr, stride_kb, stride_kd, rows, cols, B, D,
-                               BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        if RESIDENT:
+            k_cols = _load_rows(k_ptr, stride_kb, stride_kd, cols, B, D, BLOCK_K)
+            sim = _finite_or_nan(tl.dot(q_rows, tl.trans(k_cols), input_precision=PRECISION))
+        else:
+            sim = _similarity_tile(q_ptr, stride_qb, stride_qd, k_ptr, stride_kb, stride_kd, rows, cols, B, D,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         off = (cols[None, :] < B) & (cols[None, :] != rows[:, None])
         h = sim - diag[:, None]
         h_hat = h * inv_tau[:, None]
@@ -179,7 +217,7 @@ def _isogclr_grad_kernel(
     dq_ptr, stride_dqb, stride_dqd,     # out (B, D) in the features' dtype
     B, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-    PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
+    RESIDENT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)  # which BLOCK_DO-wide slice of the D output features
@@ -196,12 +234,20 @@ def _isogclr_grad_kernel(
     r_a = tl.load(q_stats_ptr + 3 * B + rows, mask=row_ok, other=0.0) * g_a
     gk_a = tl.load(gk_ptr + rows * stride_gk, mask=row_ok, other=0.0).to(tl.float32) / (B - 1)
 
+    if RESIDENT:  # one output chunk (BLOCK_DO == BLOCK_K >= D): the k tile serves both dots
+        q_rows = _load_rows(q_ptr, stride_qb, stride_qd, rows, B, D, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     for n0 in range(0, B, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < B
-        sim = _similarity_tile(q_ptr, stride_qb, stride_qd, k_ptr, stride_kb, stride_kd, rows, cols, B, D,
-                               BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        if RESIDENT:
+            k_out = _load_rows(k_ptr, stride_kb, stride_kd, cols, B, D, BLOCK_K)
+            sim = _finite_or_nan(tl.dot(q_rows, tl.trans(k_out), input_precision=PRECISION))
+        else:
+            sim = _similarity_tile(q_ptr, stride_qb, stride_qd, k_ptr, stride_kb, stride_kd, rows, cols, B, D,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            k_out = tl.load(k_ptr + cols[:, None] * stride_kb + outs[None, :] * stride_kd,
+                            mask=col_ok[:, None] & out_ok[None, :], other=0.0)
         d_n = tl.load(k_stats_ptr + cols, mask=col_ok, other=0.0)
         inv_tau_n = tl.load(k_stats_ptr + B + cols, mask=col_ok, other=0.0)
         m_n = tl.load(k_stats_ptr + 2 * B + cols, mask=col_ok, other=0.0)
@@ -211,8 +257,6 @@ def _isogclr_grad_kernel(
         w_k = tl.exp((sim - d_n[None, :]) * inv_tau_n[None, :] - m_n[None, :]) * r_n[None, :]  # gk_n w~_an
         off = col_ok[None, :] & (cols[None, :] != rows[:, None])
         p = tl.where(off, w_q + w_k, 0.0)
-        k_out = tl.load(k_ptr + cols[:, None] * stride_kb + outs[None, :] * stride_kd,
-                        mask=col_ok[:, None] & out_ok[None, :], other=0.0)
         p_hi = p.to(k_out.dtype)
         acc = tl.dot(p_hi, k_out, acc, input_precision=PRECISION)
         if SPLIT_P:  # fp16: add the rounding error of P back, so the weights keep ~fp32 accuracy
