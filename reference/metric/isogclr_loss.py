@@ -21,8 +21,9 @@ w_{ij} = \frac{e^{\hat h_{ij} - b'_i}}{s'_i + \varepsilon}, \qquad
 \ell^I_i = \frac{1}{B-1} \sum_j w_{ij}\, h_{ij}.
 $$
 
-The text side is the same with columns: $h'_{ij} = S_{ij} - S_{jj}$ divided by the text temperature
-$\tau'_j$, maxima and sums over $i$ for each column $j$, giving $w'_{ij}$ and $\ell^T_j$. The loss is
+The text side is the same with columns: $h'_{ij} = S_{ij} - S_{jj}$ divided by the text's own
+temperature $\tau^T_j$, maxima and sums over $i$ for each column $j$, with the text state
+$(\tau^T_j, s^T_j, b^T_j, u^T_j)$, giving $w'_{ij}$ and $\ell^T_j$. The loss is
 
 $$
 L = \frac{1}{B} \sum_i \ell^I_i + \frac{1}{B} \sum_j \ell^T_j .
@@ -31,13 +32,16 @@ $$
 $L$ is a *surrogate*: its value is not the DRO objective
 $\tau_i \log \frac{1}{B-1}\sum_j e^{h_{ij}/\tau_i} + \tau_i \rho$, but its gradient is the algorithm's
 stochastic gradient of it, because the weights $w$, $w'$ (built from detached $\hat h$ and the moving
-average $s'$) are constants. Hence, with $c = \partial(\text{upstream}) / (B(B-1))$,
+average $s'$) are constants. Hence, for an upstream gradient $\bar g$ and
+$\kappa = \bar g / (B(B-1))$, the matrix $G = \bar g\, \partial L / \partial S$ is
 
 $$
-\frac{\partial L}{\partial S_{ij}} = c\,(w_{ij} + w'_{ij}) \;(i \ne j), \qquad
-\frac{\partial L}{\partial S_{ii}} = -c \Bigl(\sum_{j \ne i} w_{ij} + \sum_{k \ne i} w'_{ki}\Bigr),
-\qquad \nabla_X = G\,Y,\quad \nabla_Y = G^\top X .
+G_{ij} = \kappa\,(w_{ij} + w'_{ij}) \;(i \ne j), \qquad
+G_{ii} = -\kappa \Bigl(\sum_{j \ne i} w_{ij} + \sum_{k \ne i} w'_{ki}\Bigr),
+\qquad \nabla_X = G\,Y,\quad \nabla_Y = G^\top X
 $$
+
+($S_{ii}$ enters every $h_{ij}$ of row $i$ and every $h'_{ki}$ of column $i$).
 
 The temperatures are learned by the algorithm's own update, not by autograd (the derivative of
 $\tau \log \frac{1}{B-1}\sum_j e^{h_{ij}/\tau} + \tau\rho$ in $\tau$, with $s'$ in place of the
@@ -45,11 +49,12 @@ mean):
 
 $$
 \delta_i = \log s'_i + b'_i + \rho - \frac{1}{B-1} \sum_j w_{ij}\, \hat h_{ij}, \qquad
-u'_i = (1-\beta_u)\, u_i + \beta_u\, \operatorname{clip}(\delta_i, -c_\delta, c_\delta), \qquad
+u'_i = (1-\beta_u)\, u_i + \beta_u\, \operatorname{clip}(\delta_i, -c, c), \qquad
 \tau^{\text{new}}_i = \operatorname{clip}(\tau_i - \eta\, u'_i,\ \tau_{\min}, \tau_{\max}),
 $$
 
-and the same for the texts. The function returns $L$ and the new states; it never writes anywhere.
+with $c$ = ``grad_clip``, and the same for the texts. The function returns $L$ and the new states;
+it never writes anywhere.
 
 Semantics
 ---------
@@ -80,6 +85,12 @@ Semantics
   ``cosine`` and ``exp`` schedules are computed by the caller.
 - Non-finite features: a NaN or ±inf similarity $S_{ij}$ is treated as NaN; it makes row $i$'s image
   outputs and column $j$'s text outputs NaN, hence the loss and every gradient entry it reaches.
+- Numerics: this reference evaluates the formulas as written, in float64. The accelerated kernels
+  (fp32 inside) keep $s'$, $\log s'$ and $w$ in log space relative to the batch's own maximum, so a
+  stored $b$ far above the current values (where $e^{\hat h - b'}$ underflows in fp32, and the
+  authors' fp32 code gets $\log 0 = -\infty$, hence $\delta = -c$) still gives the float64 values.
+  They agree with this reference wherever float64 itself does not underflow
+  ($b'_i - \max_j \hat h_{ij} \lesssim 700$).
 """
 
 from __future__ import annotations
