@@ -249,3 +249,70 @@ def test_clear_errors_name_the_argument(call, match):
     x, y, st_i, st_t = _torch_inputs(grad=False)
     with pytest.raises((ValueError, TypeError), match=match):
         call(x, y, st_i, st_t)
+
+
+# ------------------------------------------------------------------------------------ GPU lane only
+
+on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or acc_mod.rt.interpreting(),
+                            reason="compiled kernels need a CUDA GPU (the interpreter cannot run bf16 dots)")
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b,d", [(1000, 256), (700, 1024)])
+def test_gpu_tiles_match_the_reference(dtype, b, d):
+    """Compiled tiles (resident D <= 256, chunked D > 256) against float64 at moderate batches."""
+    rng = np.random.default_rng(11)
+    x, y = _unit(rng, b, d), _unit(rng, b, d)
+    st_i, st_t = _warm_state(rng, b), isogclr_init_state(b)
+    xt = torch.tensor(x, device="cuda", dtype=dtype, requires_grad=True)
+    yt = torch.tensor(y, device="cuda", dtype=dtype, requires_grad=True)
+    loss, new_i, new_t = acc_loss(xt, yt, torch.tensor(st_i, device="cuda"), torch.tensor(st_t, device="cuda"))
+    loss.backward()
+    xr, yr = xt.detach().double().cpu().numpy(), yt.detach().double().cpu().numpy()  # the rounded inputs
+    want = isogclr_loss(xr, yr, st_i, st_t)
+    grads = isogclr_loss_grad(1.0, xr, yr, st_i, st_t)
+    # fp32 similarities err by ~1e-7 sqrt(D), amplified by 1/tau (up to 100 here) in every exponent;
+    # 16-bit outputs are rounded, and the backward's P is rounded to bf16 (fp16 adds the error back).
+    rtol = {torch.float32: 1e-3, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    np.testing.assert_allclose(loss.item(), want[0], rtol=rtol)
+    for got, ref in ((new_i, want[1]), (new_t, want[2])):
+        scale = np.maximum(1.0, np.abs(ref).max(axis=1, keepdims=True))
+        assert np.max(np.abs(got.cpu().double().numpy() - ref) / scale) < 1e-3
+    for got, ref in ((xt.grad, grads["image_features"]), (yt.grad, grads["text_features"])):
+        err = np.linalg.norm(got.double().cpu().numpy() - ref) / np.linalg.norm(ref)
+        assert err < rtol, err
+
+
+@on_gpu
+def test_gpu_extra_memory_is_linear_in_the_batch():
+    b, d = 16384, 256
+    x = torch.randn(b, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randn(b, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    state = acc_mod.isogclr_init_state(b, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss, _, _ = acc_loss(x, y, state, state)
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 2 * b * d * 2 + 64 * b * 4 + (1 << 20), extra  # the two gradients + O(B) statistics
+
+
+@on_gpu
+def test_gpu_offsets_beyond_2_to_the_31():
+    """Row strides of 2**21 elements over 2048 rows: element offsets reach 2**32."""
+    b, d, stride = 2048, 64, 1 << 21
+    try:
+        buf_x = torch.zeros(b, stride, device="cuda", dtype=torch.bfloat16)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a 8 GiB buffer")
+    buf_x[:, :d] = torch.randn(b, d, device="cuda", dtype=torch.bfloat16)
+    x = buf_x[:, :d]
+    y = torch.randn(b, d, device="cuda", dtype=torch.bfloat16)
+    state = acc_mod.isogclr_init_state(b, device="cuda")
+    got = acc_loss(x, y, state, state)
+    want = acc_loss(x.contiguous(), y, state, state)
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c)
