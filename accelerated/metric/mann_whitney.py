@@ -90,11 +90,16 @@ def _mw_loss_kernel(
     rows = tile_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     p, row_ok = _load_scores(pos_ptr, stride_pos_q, stride_pos_p, pmask_ptr, stride_pmask_q, stride_pmask_p,
                              q, rows, P, HAS_PMASK)
-    # acc collects softplus(-z) / ln 2 per pair slot: max(-x, 0) every step and, every FLUSH steps,
-    # log2 of the running product of the (1 + e) factors (each in [1, 2], so the product stays
-    # below 2^FLUSH): one log2 per FLUSH pairs instead of one per pair.
+    # Tiles are [BLOCK_P, BLOCK_N], negatives along the fast axis (one load per thread and step).
+    # The one reduction made every step, over the positives for d/ds-, runs along axis 0, which the
+    # compiler's layout keeps mostly inside each thread. Everything else accumulates per pair slot
+    # and is reduced once at the end:
+    #   acc     softplus(-z) / ln 2: max(-x, 0) every step and, every FLUSH steps, log2 of
+    #   prod    the running product of the factors (1 + e), each in [1, 2], so below 2^FLUSH:
+    #           one log2 per FLUSH pairs instead of one per pair;
+    #   sig     sigma(-z), summed over the negatives for d/ds+.
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    sigma_rows = tl.zeros([BLOCK_P], dtype=tl.float32)
+    sig = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
 
     n_begin = split * n_per_split
     n_end = tl.minimum(n_begin + n_per_split, N)
@@ -111,12 +116,11 @@ def _mw_loss_kernel(
             e = tl.exp2(-tl.abs(x))
             u = 1.0 + e
             prod = prod * u
-            acc += tl.maximum(-x, 0.0)
+            acc -= tl.minimum(x, 0.0)  # max(-x, 0)
             if GRAD_POS or GRAD_NEG:
-                r = 1.0 / u
-                sigma = tl.where(x >= 0, e * r, r)  # sigma(-z); NaN stays NaN (x >= 0 is false)
+                sigma = tl.fdiv(tl.where(x >= 0, e, 1.0), u)  # sigma(-z); NaN stays NaN
                 if GRAD_POS:
-                    sigma_rows += tl.sum(sigma, axis=1)
+                    sig += sigma
                 if GRAD_NEG:
                     col = tl.sum(sigma, axis=0) * inv_tau
                     in_range = cols < n_end
@@ -129,7 +133,7 @@ def _mw_loss_kernel(
     loss = tl.sum(tl.sum(acc, axis=1), axis=0) * 0.6931471805599453
     tl.store(loss_ptr + (q * tiles_p + tile_p) * splits + split, loss)
     if GRAD_POS:
-        tl.store(grad_pos_ptr + (split * Q + q) * P + rows, -sigma_rows * inv_tau, mask=rows < P)
+        tl.store(grad_pos_ptr + (split * Q + q) * P + rows, -tl.sum(sig, axis=1) * inv_tau, mask=rows < P)
 
 
 @triton.jit
