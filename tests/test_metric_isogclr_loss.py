@@ -214,6 +214,20 @@ def test_no_gradient_kernels_for_inputs_that_do_not_ask(monkeypatch):
     assert loss.grad_fn is None
 
 
+@pytest.mark.parametrize("scale", [2.0 ** 15, 0.0])
+def test_fp16_backward_under_an_amp_sized_or_zero_upstream_gradient(scale):
+    """P is normalised by the largest upstream gradient: a GradScaler-sized 2**15 neither overflows
+    the fp16 copy of P nor changes the result; a zero upstream gradient gives zeros, not NaN."""
+    x, y, st_i, st_t = _torch_inputs(17, 8, grad=False)
+    xh, yh = x.half().requires_grad_(True), y.half().requires_grad_(True)
+    loss, _, _ = acc_loss(xh, yh, st_i, st_t)
+    gx, gy = torch.autograd.grad(loss, (xh, yh), torch.tensor(scale, dtype=torch.float16))
+    xr, yr = xh.detach().double().numpy(), yh.detach().double().numpy()
+    want = isogclr_loss_grad(scale, xr, yr, st_i.double().numpy(), st_t.double().numpy())
+    for got, ref in ((gx, want["image_features"]), (gy, want["text_features"])):
+        np.testing.assert_allclose(got.double().numpy(), ref, rtol=2e-3, atol=2e-3 * max(scale, 1.0) * 1e-2)
+
+
 def test_invalid_state_poisons_the_loss_and_that_sample_only():
     x, y, st_i, st_t = _torch_inputs(grad=False)
     st_i[2, 0] = 0.0  # temperature 0

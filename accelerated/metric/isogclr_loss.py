@@ -46,8 +46,6 @@ plus the (B, D) gradients; no B x B intermediate. FLOPs: forward 2 sides x 2 B^2
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -217,7 +215,8 @@ def _isogclr_grad_kernel(
     gq_ptr, stride_gq,                  # (B,) upstream gradient of this side's per-anchor losses
     gk_ptr, stride_gk,                  # (B,) upstream gradient of the other side's per-anchor losses
     dq_ptr, stride_dqb, stride_dqd,     # out (B, D) in the features' dtype
-    B, D, p_scale,                      # P is formed times p_scale (see _P_SCALE) and the sum divided by it
+    g_norm_ptr,                         # (1,) fp32: max |upstream gradient| over both sides (see _bwd_side)
+    B, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     RESIDENT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
@@ -231,10 +230,16 @@ def _isogclr_grad_kernel(
     d_a = tl.load(q_stats_ptr + rows, mask=row_ok, other=0.0)
     inv_tau_a = tl.load(q_stats_ptr + B + rows, mask=row_ok, other=0.0)
     m_a = tl.load(q_stats_ptr + 2 * B + rows, mask=row_ok, other=0.0)
-    # Upstream gradients times p_scale / (B - 1), folded into the weights.
-    g_a = tl.load(gq_ptr + rows * stride_gq, mask=row_ok, other=0.0).to(tl.float32) * (p_scale / (B - 1))
+    # P is formed as (gq w + gk w~) / (g_norm sqrt(B - 1)): a typical weight is ~1 and the largest
+    # possible one (B - 1) / gamma, so the 16-bit copy of P then holds typical entries near
+    # 1/sqrt(B) and the extreme ones near sqrt(B - 1) / gamma, both inside fp16's normal range,
+    # whatever the scale of the upstream gradient (a mean gives 1/B; AMP multiplies it by 2**16).
+    g_norm = tl.load(g_norm_ptr)
+    g_norm = tl.where(g_norm > 0.0, g_norm, 1.0)
+    p_scale = 1.0 / (g_norm * tl.sqrt((B - 1) * 1.0))
+    g_a = tl.load(gq_ptr + rows * stride_gq, mask=row_ok, other=0.0).to(tl.float32) * p_scale
     r_a = tl.load(q_stats_ptr + 3 * B + rows, mask=row_ok, other=0.0) * g_a
-    gk_a = tl.load(gk_ptr + rows * stride_gk, mask=row_ok, other=0.0).to(tl.float32) * (p_scale / (B - 1))
+    gk_a = tl.load(gk_ptr + rows * stride_gk, mask=row_ok, other=0.0).to(tl.float32) * p_scale
 
     if RESIDENT:  # one output chunk (BLOCK_DO == BLOCK_K >= D): the k tile serves both dots
         q_rows = _load_rows(q_ptr, stride_qb, stride_qd, rows, B, D, BLOCK_K)
@@ -254,7 +259,7 @@ def _isogclr_grad_kernel(
         inv_tau_n = tl.load(k_stats_ptr + B + cols, mask=col_ok, other=0.0)
         m_n = tl.load(k_stats_ptr + 2 * B + cols, mask=col_ok, other=0.0)
         r_n = tl.load(k_stats_ptr + 3 * B + cols, mask=col_ok, other=0.0) \
-            * tl.load(gk_ptr + cols * stride_gk, mask=col_ok, other=0.0).to(tl.float32) * (p_scale / (B - 1))
+            * tl.load(gk_ptr + cols * stride_gk, mask=col_ok, other=0.0).to(tl.float32) * p_scale
         w_q = tl.exp((sim - d_a[:, None]) * inv_tau_a[:, None] - m_a[:, None]) * r_a[:, None]  # gq_a w_an
         w_k = tl.exp((sim - d_n[None, :]) * inv_tau_n[None, :] - m_n[None, :]) * r_n[None, :]  # gk_n w~_an
         off = col_ok[None, :] & (cols[None, :] != rows[:, None])
@@ -269,17 +274,9 @@ def _isogclr_grad_kernel(
         + gk_a * tl.load(k_stats_ptr + 4 * B + rows, mask=row_ok, other=0.0)
     k_a = tl.load(k_ptr + rows[:, None] * stride_kb + outs[None, :] * stride_kd,
                   mask=row_ok[:, None] & out_ok[None, :], other=0.0).to(tl.float32)
-    acc = (acc - w_sum[:, None] * k_a) / p_scale
+    acc = (acc - w_sum[:, None] * k_a) / (p_scale * (B - 1))
     tl.store(dq_ptr + rows[:, None] * stride_dqb + outs[None, :] * stride_dqd,
              acc.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
-
-
-def _p_scale(bsz: int) -> float:
-    """Scale of P in the backward's 16-bit dot. With a mean-reduced loss each anchor's upstream gradient
-    is ~1/B, so P = g w / (B - 1) is ~1/B^2 (below fp16's normal range at B = 65536), while a single
-    weight can reach (B - 1) / gamma. Forming B sqrt(B - 1) P puts a typical entry near 1/sqrt(B) and the
-    largest near sqrt(B - 1) / gamma, both well inside fp16's range (bf16 and fp32 do not mind)."""
-    return float(bsz) * math.sqrt(bsz - 1)
 
 
 def _stats_side(q, k, state, hyper):
@@ -328,12 +325,13 @@ def _isogclr_bwd(
     """d loss / d q for per-anchor upstream gradients ``grad_q`` (q's side) and ``grad_k`` (k's side)."""
     bsz, dim = q.shape
     dq = torch.empty((bsz, dim), device=q.device, dtype=q.dtype)
+    # On the device, no synchronisation: the largest upstream gradient, to scale P (see the kernel).
+    g_norm = torch.maximum(grad_q.abs().amax(), grad_k.abs().amax()).float().reshape(1)
     cfg = _launch(bsz, dim)
     grid = (triton.cdiv(bsz, cfg["BLOCK_M"]), triton.cdiv(dim, cfg["BLOCK_DO"]))
     _isogclr_grad_kernel[grid](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), q_stats, k_stats,
-        grad_q, grad_q.stride(0), grad_k, grad_k.stride(0), dq, dq.stride(0), dq.stride(1), bsz, dim,
-        _p_scale(bsz),
+        grad_q, grad_q.stride(0), grad_k, grad_k.stride(0), dq, dq.stride(0), dq.stride(1), g_norm, bsz, dim,
         PRECISION=rt.dot_precision(q.dtype), SPLIT_P=q.dtype == torch.float16, **cfg,
     )
     return dq
