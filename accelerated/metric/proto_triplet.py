@@ -85,37 +85,48 @@ def _proto_forward_kernel(
     loss_ptr,                            # out (N,) fp32: max(0, d+ - d- + margin); NaN if label or distances invalid
     stats_ptr,                           # out (N, 2) fp32 contiguous: d+_i, d-_i
     neg_ptr,                             # out (N,) int32: n_i, the nearest other prototype (W if none)
-    W, D, margin,
-    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    N, W, D, margin,
+    ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
-    y = tl.load(y_ptr + i * stride_y).to(tl.int64)
+    # ROWS queries per program (1 on the GPU, a block under the interpreter); arrays are [query, ...].
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    row_ok = rows < N
+    y = tl.load(y_ptr + rows * stride_y, mask=row_ok, other=0).to(tl.int64)
     label_ok = (y >= 0) & (y < W)
-    d_pos = 0.0
-    best = tl.full((), float("inf"), tl.float32)
-    best_idx = tl.zeros((), tl.int64) + W
-    bad = 0
+    d_pos = tl.zeros((ROWS,), tl.float32)
+    best = tl.full((ROWS,), float("inf"), tl.float32)
+    best_idx = tl.zeros((ROWS,), tl.int64) + W
+    bad = tl.zeros((ROWS,), tl.int32)
     for start in range(0, W, BLOCK_W):
         w_idx = start + tl.arange(0, BLOCK_W).to(tl.int64)
         w_ok = w_idx < W
-        sq = _sq_distances(q_ptr + i * stride_qn, stride_qd, p_ptr, stride_pw, stride_pd, w_idx, w_ok, D,
-                           BLOCK_W, BLOCK_D)
+        sq = tl.zeros((ROWS, BLOCK_W), tl.float32)
+        for start_d in range(0, D, BLOCK_D):
+            cols = start_d + tl.arange(0, BLOCK_D).to(tl.int64)
+            col_ok = cols < D
+            q = tl.load(q_ptr + rows[:, None] * stride_qn + cols[None, :] * stride_qd,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            p = tl.load(p_ptr + w_idx[:, None] * stride_pw + cols[None, :] * stride_pd,
+                        mask=w_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            diff = q[:, None, :] - p[None, :, :]
+            sq += tl.sum(diff * diff, axis=2)
         dist = tl.sqrt(sq + 1e-6)
-        bad += tl.sum((w_ok & ~(dist < float("inf"))).to(tl.int32))  # NaN or inf
-        d_pos += tl.sum(tl.where(w_idx == y, dist, 0.0))
-        cand = tl.where(w_ok & (w_idx != y), dist, float("inf"))
-        tile_min = tl.min(cand, axis=0)
-        tile_arg = tl.min(tl.where(cand == tile_min, w_idx, W), axis=0)
+        bad += tl.sum((w_ok[None, :] & ~(dist < float("inf"))).to(tl.int32), axis=1)  # NaN or inf
+        own = w_idx[None, :] == y[:, None]
+        d_pos += tl.sum(tl.where(own, dist, 0.0), axis=1)
+        cand = tl.where(w_ok[None, :] & ~own, dist, float("inf"))
+        tile_min = tl.min(cand, axis=1)
+        tile_arg = tl.min(tl.where(cand == tile_min[:, None], w_idx[None, :], W), axis=1)
         take = tile_min < best  # an earlier tile keeps ties (lower index)
         best_idx = tl.where(take, tile_arg, best_idx)
         best = tl.where(take, tile_min, best)
     hinge = d_pos - best + margin
     loss = tl.where(hinge > 0, hinge, 0.0)
     loss = tl.where((bad > 0) | ~label_ok, float("nan"), loss)
-    tl.store(loss_ptr + i, loss)
-    tl.store(stats_ptr + i * 2, d_pos)
-    tl.store(stats_ptr + i * 2 + 1, best)
-    tl.store(neg_ptr + i, best_idx.to(tl.int32))
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    tl.store(stats_ptr + rows * 2, d_pos, mask=row_ok)
+    tl.store(stats_ptr + rows * 2 + 1, best, mask=row_ok)
+    tl.store(neg_ptr + rows, best_idx.to(tl.int32), mask=row_ok)
 
 
 @triton.jit
@@ -126,26 +137,28 @@ def _proto_backward_queries_kernel(
     p_ptr, stride_pw, stride_pd,
     loss_ptr, stats_ptr, neg_ptr,        # saved by the forward
     grad_q_ptr, stride_gqn, stride_gqd,  # out (N, D) in the queries' dtype
-    W, D,
-    BLOCK_D: tl.constexpr,
+    N, D,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
-    loss = tl.load(loss_ptr + i)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    row_ok = rows < N
+    loss = tl.load(loss_ptr + rows, mask=row_ok, other=0.0)
     active = loss > 0  # False at NaN
-    y = tl.where(active, tl.load(y_ptr + i * stride_y).to(tl.int64), 0)
-    n = tl.where(active, tl.load(neg_ptr + i).to(tl.int64), 0)
-    g = tl.load(grad_ptr + i * stride_g).to(tl.float32)
-    coef_pos = tl.where(active, g / tl.load(stats_ptr + i * 2), 0.0)
-    coef_neg = tl.where(active, g / tl.load(stats_ptr + i * 2 + 1), 0.0)
+    y = tl.load(y_ptr + rows * stride_y, mask=active, other=0).to(tl.int64)
+    n = tl.load(neg_ptr + rows, mask=active, other=0).to(tl.int64)
+    g = tl.load(grad_ptr + rows * stride_g, mask=row_ok, other=0.0).to(tl.float32)
+    coef_pos = tl.where(active, g / tl.load(stats_ptr + rows * 2, mask=active, other=1.0), 0.0)[:, None]
+    coef_neg = tl.where(active, g / tl.load(stats_ptr + rows * 2 + 1, mask=active, other=1.0), 0.0)[:, None]
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-        col_ok = cols < D
-        q = tl.load(q_ptr + i * stride_qn + cols * stride_qd, mask=col_ok, other=0.0).to(tl.float32)
-        p_y = tl.load(p_ptr + y * stride_pw + cols * stride_pd, mask=col_ok, other=0.0).to(tl.float32)
-        p_n = tl.load(p_ptr + n * stride_pw + cols * stride_pd, mask=col_ok, other=0.0).to(tl.float32)
+        ok = row_ok[:, None] & (cols < D)[None, :]
+        q = tl.load(q_ptr + rows[:, None] * stride_qn + cols[None, :] * stride_qd, mask=ok, other=0.0).to(tl.float32)
+        p_y = tl.load(p_ptr + y[:, None] * stride_pw + cols[None, :] * stride_pd, mask=ok, other=0.0).to(tl.float32)
+        p_n = tl.load(p_ptr + n[:, None] * stride_pw + cols[None, :] * stride_pd, mask=ok, other=0.0).to(tl.float32)
         out = coef_pos * (q - p_y) - coef_neg * (q - p_n)
-        out = tl.where(loss != loss, float("nan"), out)
-        tl.store(grad_q_ptr + i * stride_gqn + cols * stride_gqd, out.to(grad_q_ptr.dtype.element_ty), mask=col_ok)
+        out = tl.where((loss != loss)[:, None], float("nan"), out)
+        tl.store(grad_q_ptr + rows[:, None] * stride_gqn + cols[None, :] * stride_gqd,
+                 out.to(grad_q_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -156,34 +169,45 @@ def _proto_backward_prototypes_kernel(
     p_ptr, stride_pw, stride_pd,
     loss_ptr, stats_ptr, neg_ptr,
     grad_p_ptr, stride_gpw, stride_gpd,  # out (W, D) in the prototypes' dtype
-    N, D,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    N, W, D,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    c = tl.program_id(0).to(tl.int64)
+    # ROWS prototypes c per program; [c, i, ...] arrays.
+    cs = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    c_ok = cs < W
     for start_d in range(0, D, BLOCK_D):
         cols = start_d + tl.arange(0, BLOCK_D).to(tl.int64)
         col_ok = cols < D
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        h_sum = 0.0
+        acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        h_sum = tl.zeros((ROWS,), dtype=tl.float32)
         for start_n in range(0, N, BLOCK_N):
             rows = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
             row_ok = rows < N
             loss = tl.load(loss_ptr + rows, mask=row_ok, other=0.0)
             active = row_ok & (loss > 0)
-            y = tl.load(y_ptr + rows * stride_y, mask=active, other=-1).to(tl.int64)
-            n = tl.load(neg_ptr + rows, mask=active, other=-1).to(tl.int64)
+            y = tl.load(y_ptr + rows * stride_y, mask=active, other=0).to(tl.int64)
+            n = tl.load(neg_ptr + rows, mask=active, other=0).to(tl.int64)
             g = tl.load(grad_ptr + rows * stride_g, mask=active, other=0.0).to(tl.float32)
-            d_pos = tl.load(stats_ptr + rows * 2, mask=active, other=1.0)
-            d_neg = tl.load(stats_ptr + rows * 2 + 1, mask=active, other=1.0)
-            h = tl.where(n == c, g / d_neg, 0.0) - tl.where(y == c, g / d_pos, 0.0)
-            h = tl.where(active, h, 0.0)
+            w_neg = tl.where(active, g / tl.load(stats_ptr + rows * 2 + 1, mask=active, other=1.0), 0.0)
+            w_pos = tl.where(active, g / tl.load(stats_ptr + rows * 2, mask=active, other=1.0), 0.0)
+            # h_ci = g_i [loss_i > 0] ([n_i = c] / d-_i - [y_i = c] / d+_i)
+            h = (tl.where(n[None, :] == cs[:, None], w_neg[None, :], 0.0)
+                 - tl.where(y[None, :] == cs[:, None], w_pos[None, :], 0.0))
             q = tl.load(q_ptr + rows[:, None] * stride_qn + cols[None, :] * stride_qd,
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(h[:, None] * q, axis=0)
-            h_sum += tl.sum(h, axis=0)
-        p = tl.load(p_ptr + c * stride_pw + cols * stride_pd, mask=col_ok, other=0.0).to(tl.float32)
-        out = acc - h_sum * p  # sum_i h_ic (q_i - p_c)
-        tl.store(grad_p_ptr + c * stride_gpw + cols * stride_gpd, out.to(grad_p_ptr.dtype.element_ty), mask=col_ok)
+            acc += tl.sum(h[:, :, None] * q[None, :, :], axis=1)
+            h_sum += tl.sum(h, axis=1)
+        ok = c_ok[:, None] & col_ok[None, :]
+        p = tl.load(p_ptr + cs[:, None] * stride_pw + cols[None, :] * stride_pd, mask=ok, other=0.0).to(tl.float32)
+        out = acc - h_sum[:, None] * p  # sum_i h_ci (q_i - p_c)
+        tl.store(grad_p_ptr + cs[:, None] * stride_gpw + cols[None, :] * stride_gpd,
+                 out.to(grad_p_ptr.dtype.element_ty), mask=ok)
+
+
+def _rows_per_program() -> int:
+    """Rows (queries, prototypes, origin or target points) per program: one on the GPU, a block
+    under the interpreter, where every operation has a fixed cost."""
+    return 16 if rt.interpreting() else 1
 
 
 @torch.library.custom_op("twinops::proto_triplet_loss_rows", mutates_args=())
@@ -196,10 +220,11 @@ def _proto_rows(
     stats = torch.empty((n, 2), device=queries.device, dtype=torch.float32)
     neg = torch.empty(n, device=queries.device, dtype=torch.int32)
     if n > 0:
-        _proto_forward_kernel[(n,)](
+        rows = _rows_per_program()
+        _proto_forward_kernel[(triton.cdiv(n, rows),)](
             queries, queries.stride(0), queries.stride(1), query_labels, query_labels.stride(0),
-            prototypes, prototypes.stride(0), prototypes.stride(1), loss, stats, neg, w, d, margin,
-            BLOCK_W=_block(w), BLOCK_D=_block(d, 128, 32),
+            prototypes, prototypes.stride(0), prototypes.stride(1), loss, stats, neg, n, w, d, margin,
+            ROWS=rows, BLOCK_W=_block(w), BLOCK_D=_block(d, 64, 32),
         )
     return loss, stats, neg
 
@@ -222,14 +247,16 @@ def _proto_rows_backward(
     grad_p = torch.empty((w, d) if need_prototypes else (0, d), device=queries.device, dtype=prototypes.dtype)
     args = (queries, queries.stride(0), queries.stride(1), query_labels, query_labels.stride(0),
             prototypes, prototypes.stride(0), prototypes.stride(1), loss, stats, neg)
+    rows = _rows_per_program()
     if need_queries and n > 0:
-        _proto_backward_queries_kernel[(n,)](
-            grad, grad.stride(0), *args, grad_q, grad_q.stride(0), grad_q.stride(1), w, d, BLOCK_D=_block(d, 128, 32),
+        _proto_backward_queries_kernel[(triton.cdiv(n, rows),)](
+            grad, grad.stride(0), *args, grad_q, grad_q.stride(0), grad_q.stride(1), n, d,
+            ROWS=rows, BLOCK_D=_block(d, 128, 32),
         )
     if need_prototypes and w > 0:
-        _proto_backward_prototypes_kernel[(w,)](
-            grad, grad.stride(0), *args, grad_p, grad_p.stride(0), grad_p.stride(1), n, d,
-            BLOCK_N=_block(n), BLOCK_D=_block(d, 128, 32),
+        _proto_backward_prototypes_kernel[(triton.cdiv(w, rows),)](
+            grad, grad.stride(0), *args, grad_p, grad_p.stride(0), grad_p.stride(1), n, w, d,
+            ROWS=rows, BLOCK_N=_block(n), BLOCK_D=_block(d, 64, 32),
         )
     return grad_q, grad_p
 
@@ -320,84 +347,96 @@ def _icnn_rows_kernel(
     ndist_ptr,                           # out (n, K) fp32 contiguous: their distances
     stats_ptr,                           # out (n, ROW_STATS) fp32 contiguous
     pos_ptr,                             # out (n, 3) int32 contiguous
-    M, D, K, k,                          # K = ipc + 1 neighbours kept, the first k after the dropped one scored
-    KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    n, M, D, K, k,                       # K = ipc + 1 neighbours kept, the first k after the dropped one scored
+    ROWS: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
-    y_i = tl.load(yo_ptr + i * stride_yo).to(tl.int64)
+    # ROWS origin rows per program (1 on the GPU; a block under the interpreter, where every
+    # operation has a fixed cost). Arrays are [row, ...].
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    row_ok = rows < n
+    y_i = tl.load(yo_ptr + rows * stride_yo, mask=row_ok, other=0).to(tl.int64)
     slot = tl.arange(0, KP)
     slot_ok = slot < K
     # The K nearest so far, sorted: slot s holds the s-th in the order (distance, index). Empty slots
     # hold (+inf, M + s), distinct and after every target.
-    best_d = tl.full((KP,), float("inf"), tl.float32)
-    best_i = M + slot.to(tl.int64)
-    bad = 0
+    best_d = tl.full((ROWS, KP), float("inf"), tl.float32)
+    best_i = tl.zeros((ROWS, KP), tl.int64) + (M + slot.to(tl.int64))[None, :]
+    bad = tl.zeros((ROWS,), tl.int32)
     for start in range(0, M, BLOCK_M):
         t_idx = start + tl.arange(0, BLOCK_M).to(tl.int64)
         t_ok = t_idx < M
-        sq = _sq_distances(o_ptr + i * stride_on, stride_od, t_ptr, stride_tm, stride_td, t_idx, t_ok, D,
-                           BLOCK_M, BLOCK_D)
-        dist = tl.where(t_ok, tl.sqrt(sq + 1e-6), float("inf"))
-        bad += tl.sum((t_ok & ~(dist < float("inf"))).to(tl.int32))  # NaN or inf
+        sq = tl.zeros((ROWS, BLOCK_M), tl.float32)
+        for start_d in range(0, D, BLOCK_D):
+            cols = start_d + tl.arange(0, BLOCK_D).to(tl.int64)
+            col_ok = cols < D
+            a = tl.load(o_ptr + rows[:, None] * stride_on + cols[None, :] * stride_od,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            b = tl.load(t_ptr + t_idx[:, None] * stride_tm + cols[None, :] * stride_td,
+                        mask=t_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            diff = a[:, None, :] - b[None, :, :]
+            sq += tl.sum(diff * diff, axis=2)
+        dist = tl.where(t_ok[None, :], tl.sqrt(sq + 1e-6), float("inf"))
+        bad += tl.sum((t_ok[None, :] & ~(dist < float("inf"))).to(tl.int32), axis=1)  # NaN or inf
         # Merge the tile into the sorted set by ranks: an element's new position is the number of
-        # elements (of the set and the tile) before it. [c, c2]: candidate c2 before candidate c.
-        tile_before = ((dist[None, :] < dist[:, None])
-                       | ((dist[None, :] == dist[:, None]) & (t_idx[None, :] < t_idx[:, None])))
-        # [c, s]: set element s before candidate c (the order is total: otherwise c is before s).
-        set_before = ((best_d[None, :] < dist[:, None])
-                      | ((best_d[None, :] == dist[:, None]) & (best_i[None, :] < t_idx[:, None])))
-        set_before = set_before & slot_ok[None, :]
-        rank_c = (tl.sum((tile_before & t_ok[None, :]).to(tl.int32), axis=1)
-                  + tl.sum(set_before.to(tl.int32), axis=1))
-        rank_s = slot + tl.sum((~set_before & t_ok[:, None] & slot_ok[None, :]).to(tl.int32), axis=0)
-        from_set = (rank_s[None, :] == slot[:, None]) & slot_ok[None, :]  # [p, s]
-        from_tile = (rank_c[None, :] == slot[:, None]) & t_ok[None, :]   # [p, c]
-        new_d = (tl.sum(tl.where(from_set, best_d[None, :], 0.0), axis=1)
-                 + tl.sum(tl.where(from_tile, dist[None, :], 0.0), axis=1))
-        new_i = (tl.sum(tl.where(from_set, best_i[None, :], 0), axis=1)
-                 + tl.sum(tl.where(from_tile, t_idx[None, :], 0), axis=1))
-        best_d = tl.where(slot_ok, new_d, float("inf"))
-        best_i = tl.where(slot_ok, new_i, M + slot)
+        # elements (of the set and the tile) before it. [r, c, c2]: candidate c2 before candidate c.
+        tile_before = ((dist[:, None, :] < dist[:, :, None])
+                       | ((dist[:, None, :] == dist[:, :, None]) & (t_idx[None, None, :] < t_idx[None, :, None])))
+        # [r, c, s]: set element s before candidate c (the order is total: otherwise c is before s).
+        set_before = ((best_d[:, None, :] < dist[:, :, None])
+                      | ((best_d[:, None, :] == dist[:, :, None]) & (best_i[:, None, :] < t_idx[None, :, None])))
+        set_before = set_before & slot_ok[None, None, :]
+        rank_c = (tl.sum((tile_before & t_ok[None, None, :]).to(tl.int32), axis=2)
+                  + tl.sum(set_before.to(tl.int32), axis=2))
+        rank_s = slot[None, :] + tl.sum((~set_before & t_ok[None, :, None] & slot_ok[None, None, :]).to(tl.int32),
+                                        axis=1)
+        from_set = (rank_s[:, None, :] == slot[None, :, None]) & slot_ok[None, None, :]  # [r, p, s]
+        from_tile = (rank_c[:, None, :] == slot[None, :, None]) & t_ok[None, None, :]   # [r, p, c]
+        new_d = (tl.sum(tl.where(from_set, best_d[:, None, :], 0.0), axis=2)
+                 + tl.sum(tl.where(from_tile, dist[:, None, :], 0.0), axis=2))
+        new_i = (tl.sum(tl.where(from_set, best_i[:, None, :], 0), axis=2)
+                 + tl.sum(tl.where(from_tile, t_idx[None, None, :], 0), axis=2))
+        best_d = tl.where(slot_ok[None, :], new_d, float("inf"))
+        best_i = tl.where(slot_ok[None, :], new_i, M + slot[None, :])
     # Only NaN distances (a NaN loss) can leave a slot without a target; keep its index in range.
     best_i = tl.where((best_i >= 0) & (best_i < M), best_i, 0)
-    rank = slot
-    tl.store(nbr_ptr + i * K + slot, best_i.to(tl.int32), mask=slot_ok)
-    tl.store(ndist_ptr + i * K + slot, best_d, mask=slot_ok)
+    out_ok = row_ok[:, None] & slot_ok[None, :]
+    tl.store(nbr_ptr + rows[:, None] * K + slot[None, :], best_i.to(tl.int32), mask=out_ok)
+    tl.store(ndist_ptr + rows[:, None] * K + slot[None, :], best_d, mask=out_ok)
 
-    in_ipc = slot_ok & (rank >= 1)
-    in_k = in_ipc & (rank <= k)
-    y_n = tl.load(yt_ptr + best_i * stride_yt, mask=slot_ok, other=0).to(tl.int64)
-    other = y_n != y_i
+    in_ipc = (slot_ok & (slot >= 1))[None, :]
+    in_k = (slot_ok & (slot >= 1) & (slot <= k))[None, :]
+    y_n = tl.load(yt_ptr + best_i * stride_yt, mask=out_ok, other=0).to(tl.int64)
+    other = y_n != y_i[:, None]
     # c_i: nearest other-class neighbour among the ipc; +inf if none.
     c_cand = tl.where(in_ipc & other, best_d, float("inf"))
-    c = tl.min(c_cand, axis=0)
-    c_rank = tl.min(tl.where(in_ipc & other & (c_cand == c), rank, KP), axis=0)
-    u = tl.where(in_k, best_d / (c + 1e-7), 0.0)
-    u_max = tl.max(u, axis=0)
-    r_rank = tl.min(tl.where(in_k & (u == u_max), rank, KP), axis=0)
+    c = tl.min(c_cand, axis=1)
+    c_rank = tl.min(tl.where(in_ipc & other & (c_cand == c[:, None]), slot[None, :], KP), axis=1)
+    u = tl.where(in_k, best_d / (c[:, None] + 1e-7), 0.0)
+    u_max = tl.max(u, axis=1)
+    r_rank = tl.min(tl.where(in_k & (u == u_max[:, None]), slot[None, :], KP), axis=1)
     r = tl.maximum(u_max, 1.0)
     same_k = in_k & ~other
     other_k = in_k & other
-    cnt = tl.sum(same_k.to(tl.float32), axis=0)
-    dcnt = tl.sum(other_k.to(tl.float32), axis=0)
-    mu = tl.sum(tl.where(same_k, u / r, 0.0), axis=0) / (cnt + 1e-7)
+    cnt = tl.sum(same_k.to(tl.float32), axis=1)
+    dcnt = tl.sum(other_k.to(tl.float32), axis=1)
+    mu = tl.sum(tl.where(same_k, u / r[:, None], 0.0), axis=1) / (cnt + 1e-7)
     dd = tl.where(other_k, best_d, 0.0)
-    d_max = tl.max(dd, axis=0)
-    d_rank = tl.min(tl.where(other_k & (dd == d_max), rank, KP), axis=0)
-    d_sum = tl.sum(dd, axis=0) / (dcnt + 1e-7)
+    d_max = tl.max(dd, axis=1)
+    d_rank = tl.min(tl.where(other_k & (dd == d_max[:, None]), slot[None, :], KP), axis=1)
+    d_sum = tl.sum(dd, axis=1) / (dcnt + 1e-7)
 
-    row = stats_ptr + i * 8
-    tl.store(row + 0, c)
-    tl.store(row + 1, r)
-    tl.store(row + 2, cnt)
-    tl.store(row + 3, dcnt)
-    tl.store(row + 4, mu)
-    tl.store(row + 5, d_sum)
-    tl.store(row + 6, d_max)
-    tl.store(row + 7, bad.to(tl.float32))
-    tl.store(pos_ptr + i * 3 + 0, c_rank)
-    tl.store(pos_ptr + i * 3 + 1, r_rank)
-    tl.store(pos_ptr + i * 3 + 2, d_rank)
+    row = stats_ptr + rows * 8
+    tl.store(row + 0, c, mask=row_ok)
+    tl.store(row + 1, r, mask=row_ok)
+    tl.store(row + 2, cnt, mask=row_ok)
+    tl.store(row + 3, dcnt, mask=row_ok)
+    tl.store(row + 4, mu, mask=row_ok)
+    tl.store(row + 5, d_sum, mask=row_ok)
+    tl.store(row + 6, d_max, mask=row_ok)
+    tl.store(row + 7, bad.to(tl.float32), mask=row_ok)
+    tl.store(pos_ptr + rows * 3 + 0, c_rank, mask=row_ok)
+    tl.store(pos_ptr + rows * 3 + 1, r_rank, mask=row_ok)
+    tl.store(pos_ptr + rows * 3 + 2, d_rank, mask=row_ok)
 
 
 @triton.jit
@@ -460,27 +499,28 @@ def _icnn_backward_rows_kernel(
     nbr_ptr, ndist_ptr, stats_ptr, pos_ptr, scalars_ptr,  # saved by the forward
     h_ptr,                               # out (n, K) fp32 contiguous: (d loss / d delta_ij) / delta_ij
     grad_o_ptr, stride_gon, stride_god,  # out (n, D) in the origin's dtype
-    D, K, k,
-    WRITE_ORIGIN: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+    n, D, K, k,
+    WRITE_ORIGIN: tl.constexpr, ROWS: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    row_ok = rows < n
     col = tl.arange(0, KP)
-    col_ok = col < K
-    idx = tl.load(nbr_ptr + i * K + col, mask=col_ok, other=0).to(tl.int64)
-    delta = tl.load(ndist_ptr + i * K + col, mask=col_ok, other=1.0)
-    y_i = tl.load(yo_ptr + i * stride_yo).to(tl.int64)
-    other = tl.load(yt_ptr + idx * stride_yt, mask=col_ok, other=0).to(tl.int64) != y_i
-    in_ipc = col_ok & (col >= 1)
-    in_k = in_ipc & (col <= k)
-    row = stats_ptr + i * 8
-    c = tl.load(row + 0)
-    r = tl.load(row + 1)
-    cnt = tl.load(row + 2)
-    dcnt = tl.load(row + 3)
-    mu = tl.load(row + 4)
-    c_rank = tl.load(pos_ptr + i * 3 + 0)
-    r_rank = tl.load(pos_ptr + i * 3 + 1)
-    d_rank = tl.load(pos_ptr + i * 3 + 2)
+    ok = row_ok[:, None] & (col < K)[None, :]
+    idx = tl.load(nbr_ptr + rows[:, None] * K + col[None, :], mask=ok, other=0).to(tl.int64)
+    delta = tl.load(ndist_ptr + rows[:, None] * K + col[None, :], mask=ok, other=1.0)
+    y_i = tl.load(yo_ptr + rows * stride_yo, mask=row_ok, other=0).to(tl.int64)
+    other = tl.load(yt_ptr + idx * stride_yt, mask=ok, other=0).to(tl.int64) != y_i[:, None]
+    in_ipc = ok & (col >= 1)[None, :]
+    in_k = in_ipc & (col <= k)[None, :]
+    row = stats_ptr + rows * 8
+    c = tl.load(row + 0, mask=row_ok, other=1.0)[:, None]
+    r = tl.load(row + 1, mask=row_ok, other=1.0)[:, None]
+    cnt = tl.load(row + 2, mask=row_ok, other=0.0)[:, None]
+    dcnt = tl.load(row + 3, mask=row_ok, other=0.0)[:, None]
+    mu = tl.load(row + 4, mask=row_ok, other=0.0)[:, None]
+    c_rank = tl.load(pos_ptr + rows * 3 + 0, mask=row_ok, other=-1)[:, None]
+    r_rank = tl.load(pos_ptr + rows * 3 + 1, mask=row_ok, other=-1)[:, None]
+    d_rank = tl.load(pos_ptr + rows * 3 + 2, mask=row_ok, other=-1)[:, None]
     score = tl.load(scalars_ptr + 0)
     big = tl.load(scalars_ptr + 1)
     big_lam = tl.load(scalars_ptr + 2)
@@ -493,34 +533,36 @@ def _icnn_backward_rows_kernel(
     a = tl.load(grad_ptr).to(tl.float32) * (-1.0 / score) * 0.25  # d loss / d lambda_sc = d loss / d lambda_dc
     # Same-class part: lambda_sc = 1 - sum_i mu_i / (n_sc + eps), mu_i = sum_j w_ij u_ij / r_i.
     g_u = tl.where(in_k & ~other, 1.0 / ((cnt + 1e-7) * r), 0.0)
-    g_u -= tl.where(col == r_rank, tl.where(r > 1.0, mu / r, 0.0), 0.0)  # r_i = max_j u_ij when that exceeds 1
+    g_u -= tl.where((col[None, :] == r_rank) & (r > 1.0), mu / r, 0.0)  # r_i = max_j u_ij when that exceeds 1
     g_u *= a * -1.0 / (n_sc + 1e-7)
     has_c = c < float("inf")
     scale = tl.where(has_c, 1.0 / (c + 1e-7), 0.0)
     u = delta * scale
     g_delta = tl.where(in_k, g_u * scale, 0.0)
-    g_c = -tl.sum(tl.where(in_k, g_u * u, 0.0), axis=0) * scale  # through u_ij = delta_ij / (c_i + eps)
-    g_delta += tl.where(col == c_rank, tl.where(has_c, g_c, 0.0), 0.0)
+    g_c = -tl.sum(tl.where(in_k, g_u * u, 0.0), axis=1)[:, None] * scale  # through u_ij = delta_ij / (c_i + eps)
+    g_delta += tl.where(has_c & (col[None, :] == c_rank), g_c, 0.0)
     # Different-class part: lambda_dc = |Lambda + o|, Lambda = sum_i sum_j dd_ij / (G + eps) / (dcnt_i + eps) / (n_dc + eps).
     g_lam = a * lam_sign
     den = big + 1e-7
     g_delta += tl.where(in_k & other, g_lam / (den * (dcnt + 1e-7) * (n_dc + 1e-7)), 0.0)
-    at_big = (i == big_row) & (n_dc > 0)  # this row holds the global max G
-    g_delta += tl.where(col == d_rank, tl.where(at_big, g_lam * -big_lam / den, 0.0), 0.0)
+    at_big = (rows == big_row)[:, None] & (col[None, :] == d_rank)  # the entry holding the global max G
+    g_delta += tl.where(at_big, tl.where(n_dc > 0, g_lam * -big_lam / den, 0.0), 0.0)
 
     h = tl.where(in_ipc, g_delta / delta, 0.0)
     h = tl.where(loss != loss, float("nan"), h)
-    tl.store(h_ptr + i * K + col, h, mask=col_ok)
+    tl.store(h_ptr + rows[:, None] * K + col[None, :], h, mask=ok)
     if WRITE_ORIGIN:
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
             d_ok = cols < D
-            o = tl.load(o_ptr + i * stride_on + cols * stride_od, mask=d_ok, other=0.0).to(tl.float32)
-            t = tl.load(t_ptr + idx[:, None] * stride_tm + cols[None, :] * stride_td,
-                        mask=in_ipc[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            out = tl.sum(tl.where(in_ipc[:, None], h[:, None] * (o[None, :] - t), 0.0), axis=0)
+            o = tl.load(o_ptr + rows[:, None] * stride_on + cols[None, :] * stride_od,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            t = tl.load(t_ptr + idx[:, :, None] * stride_tm + cols[None, None, :] * stride_td,
+                        mask=in_ipc[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
+            out = tl.sum(tl.where(in_ipc[:, :, None], h[:, :, None] * (o[:, None, :] - t), 0.0), axis=1)
             out = tl.where(loss != loss, float("nan"), out)
-            tl.store(grad_o_ptr + i * stride_gon + cols * stride_god, out.to(grad_o_ptr.dtype.element_ty), mask=d_ok)
+            tl.store(grad_o_ptr + rows[:, None] * stride_gon + cols[None, :] * stride_god,
+                     out.to(grad_o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -529,31 +571,36 @@ def _icnn_backward_targets_kernel(
     t_ptr, stride_tm, stride_td,
     nbr_ptr, h_ptr,                      # (n, K) neighbour lists and coefficients
     grad_t_ptr, stride_gtm, stride_gtd,  # out (M, D) in the target's dtype
-    n, D, K,
-    KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    n, M, D, K,
+    ROWS: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    l = tl.program_id(0).to(tl.int64)
+    # ROWS target rows l per program; [l, i, ...] arrays.
+    ls = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    l_ok = ls < M
     col = tl.arange(0, KP)
     col_ok = (col >= 1) & (col < K)
     for start_d in range(0, D, BLOCK_D):
         cols = start_d + tl.arange(0, BLOCK_D).to(tl.int64)
         d_ok = cols < D
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        h_sum = 0.0
+        acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        h_sum = tl.zeros((ROWS,), dtype=tl.float32)
         for start_n in range(0, n, BLOCK_N):
             rows = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
             row_ok = rows < n
             ok = row_ok[:, None] & col_ok[None, :]
             idx = tl.load(nbr_ptr + rows[:, None] * K + col[None, :], mask=ok, other=-1)
             h = tl.load(h_ptr + rows[:, None] * K + col[None, :], mask=ok, other=0.0)
-            h_l = tl.sum(tl.where(idx == l, h, 0.0), axis=1)  # origin row i's coefficient on target l
+            # origin row i's coefficient on target l
+            h_l = tl.sum(tl.where(idx[None, :, :] == ls[:, None, None], h[None, :, :], 0.0), axis=2)
             o = tl.load(o_ptr + rows[:, None] * stride_on + cols[None, :] * stride_od,
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(h_l[:, None] * o, axis=0)
-            h_sum += tl.sum(h_l, axis=0)
-        t = tl.load(t_ptr + l * stride_tm + cols * stride_td, mask=d_ok, other=0.0).to(tl.float32)
-        out = -(acc - h_sum * t)  # -sum_i h_il (o_i - t_l)
-        tl.store(grad_t_ptr + l * stride_gtm + cols * stride_gtd, out.to(grad_t_ptr.dtype.element_ty), mask=d_ok)
+            acc += tl.sum(h_l[:, :, None] * o[None, :, :], axis=1)
+            h_sum += tl.sum(h_l, axis=1)
+        t = tl.load(t_ptr + ls[:, None] * stride_tm + cols[None, :] * stride_td,
+                    mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        out = -(acc - h_sum[:, None] * t)  # -sum_i h_il (o_i - t_l)
+        tl.store(grad_t_ptr + ls[:, None] * stride_gtm + cols[None, :] * stride_gtd,
+                 out.to(grad_t_ptr.dtype.element_ty), mask=l_ok[:, None] & d_ok[None, :])
 
 
 @torch.library.custom_op("twinops::icnn_loss", mutates_args=())
@@ -570,11 +617,12 @@ def _icnn(
     stats = torch.empty((n, ROW_STATS), device=dev, dtype=torch.float32)
     pos = torch.empty((n, 3), device=dev, dtype=torch.int32)
     scalars = torch.empty(SCALARS, device=dev, dtype=torch.float32)
-    _icnn_rows_kernel[(n,)](
+    rows = _rows_per_program()
+    _icnn_rows_kernel[(triton.cdiv(n, rows),)](
         origin, origin.stride(0), origin.stride(1), origin_labels, origin_labels.stride(0),
         target, target.stride(0), target.stride(1), target_labels, target_labels.stride(0),
-        nbr, ndist, stats, pos, m, d, big_k, k,
-        KP=triton.next_power_of_2(big_k), BLOCK_M=_block(m), BLOCK_D=_block(d, 128, 32),
+        nbr, ndist, stats, pos, n, m, d, big_k, k,
+        ROWS=rows, KP=triton.next_power_of_2(big_k), BLOCK_M=_block(m), BLOCK_D=_block(d, 64, 32),
     )
     _icnn_combine_kernel[(1,)](stats, scalars, n, k, int(clamped), BLOCK_N=_block(n, 256))
     loss = scalars[LOSS].clone()
@@ -603,17 +651,18 @@ def _icnn_backward(
     h = torch.empty((n, big_k), device=origin.device, dtype=torch.float32)
     grad_o = torch.empty((n, d) if need_origin else (0, d), device=origin.device, dtype=origin.dtype)
     grad_t = torch.empty((m, d) if need_target else (0, d), device=origin.device, dtype=target.dtype)
-    _icnn_backward_rows_kernel[(n,)](
+    rows = _rows_per_program()
+    _icnn_backward_rows_kernel[(triton.cdiv(n, rows),)](
         grad, origin, origin.stride(0), origin.stride(1), origin_labels, origin_labels.stride(0),
         target, target.stride(0), target.stride(1), target_labels, target_labels.stride(0),
-        nbr, ndist, stats, pos, scalars, h, grad_o, grad_o.stride(0), grad_o.stride(1), d, big_k, k,
-        WRITE_ORIGIN=need_origin, KP=kp, BLOCK_D=_block(d, 128, 32),
+        nbr, ndist, stats, pos, scalars, h, grad_o, grad_o.stride(0), grad_o.stride(1), n, d, big_k, k,
+        WRITE_ORIGIN=need_origin, ROWS=rows, KP=kp, BLOCK_D=_block(d, 64, 32),
     )
     if need_target:
-        _icnn_backward_targets_kernel[(m,)](
+        _icnn_backward_targets_kernel[(triton.cdiv(m, rows),)](
             origin, origin.stride(0), origin.stride(1), target, target.stride(0), target.stride(1),
-            nbr, h, grad_t, grad_t.stride(0), grad_t.stride(1), n, d, big_k,
-            KP=kp, BLOCK_N=_block(n), BLOCK_D=_block(d, 128, 32),
+            nbr, h, grad_t, grad_t.stride(0), grad_t.stride(1), n, m, d, big_k,
+            ROWS=rows, KP=kp, BLOCK_N=_block(n), BLOCK_D=_block(d, 64, 32),
         )
     return grad_o, grad_t
 
