@@ -215,7 +215,7 @@ def _isogclr_grad_kernel(
     gq_ptr, stride_gq,                  # (B,) upstream gradient of this side's per-anchor losses
     gk_ptr, stride_gk,                  # (B,) upstream gradient of the other side's per-anchor losses
     dq_ptr, stride_dqb, stride_dqd,     # out (B, D) in the features' dtype
-    g_norm_ptr,                         # (1,) fp32: max |upstream gradient| over both sides (see _bwd_side)
+    g_norm_ptr,                         # (1,) fp32: max |upstream gradient| over both sides (see below)
     B, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     RESIDENT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
