@@ -2,6 +2,7 @@
 example, SimCLR's NT-Xent as a cross-entropy, identities), and the accelerated path's behaviour
 beyond numerical agreement (which tests/test_conformance.py checks)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -189,18 +190,21 @@ def test_transposed_and_strided_views_equal_contiguous():
     torch.testing.assert_close(acc_supcon(zt, ys[::2], reduction="none"), acc_supcon(z, y, reduction="none"))
 
 
-def test_register_and_workspace_accumulators_agree(monkeypatch):
-    """D = 40 takes the fp32 workspace under the interpreter; a wider register tile gives the same gradient."""
+def test_resident_and_streamed_paths_agree(monkeypatch):
+    """D = 40 is streamed under the interpreter (fp32 workspace, D walked in 16-wide steps); with a
+    wider resident limit the same call is resident. Both give the same loss and gradient."""
     z, y = _batch(20, 40)
-    grads = []
-    for register_d in (16, 64):
-        launch = acc_module.INTERPRETER_LAUNCH.__class__(**{**acc_module.INTERPRETER_LAUNCH.__dict__,
-                                                            "register_d": register_d})
+    results = []
+    for resident_d in (16, 64):
+        launch = dataclasses.replace(acc_module.INTERPRETER_LAUNCH, resident_d=resident_d)
         monkeypatch.setattr(acc_module, "INTERPRETER_LAUNCH", launch)
+        assert acc_module._backward_launch(40)["RESIDENT"] == (resident_d == 64)
         zg = z.clone().requires_grad_(True)
-        acc_supcon(zg, y, reduction="sum").backward()
-        grads.append(zg.grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+        loss = acc_supcon(zg, y, reduction="sum")
+        loss.backward()
+        results.append((loss, zg.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
 
 
 class _NoLaunch:

@@ -7,7 +7,7 @@ L_i = (tau / tau_b) (LSE_i - mean_{p in P(i)} l_ip), 0 when P(i) is empty.
 
 Forward (`_supcon_forward_kernel`), one program per block of BLOCK_M anchors (rows i):
     for each block of BLOCK_N columns j:
-        S = z_I z_J^T / tau                      one (BLOCK_M, BLOCK_N) tile, tl.dot over D in BLOCK_K steps
+        S = z_I z_J^T / tau                      one (BLOCK_M, BLOCK_N) tile of tl.dot over D
         m, s <- online log-sum-exp of S over j != i (running row max m, sum s of exp(S - m))
         pos_sum += sum of S over positives;  n_pos += |positives in the tile|   (label masks built in-tile)
     L_i = (tau / tau_b) (m + log s - pos_sum / n_pos)
@@ -19,16 +19,18 @@ g_i the upstream gradient of L_i. Flash-attention's backward needs a row pass (d
 pass (dK) because its score matrix is not symmetric. Here l_ij = l_ji: the tile S_IJ recomputed for
 row block I also holds the logits of the column term, so one pass forms H_IJ = G_IJ + (G_JI)^T from
 the saved (LSE, |P|) of *both* blocks and accumulates dz_I += H_IJ z_J. Each program owns its rows
-of dz (no atomics, deterministic) and the backward costs two tile products per tile instead of
-three (recompute + row product + column product of a two-pass design would be four).
+of dz (no atomics, deterministic), and the backward costs two tile products per (I, J) tile:
+recompute S, then H z_J. A row pass plus a column pass would cost four, each recomputing S.
 
-The dz accumulator (BLOCK_M x D, fp32) lives in registers when D <= REGISTER_D; wider features
-accumulate into an fp32 (N, D) workspace, each program reading and writing only its own rows once
-per column tile (the output itself for fp32 inputs).
+Features up to 256 wide are resident (flash-attention's Q): a program loads its anchors once and
+every column tile once, which then serves both backward dots, and dz_I accumulates in registers.
+Wider features are streamed: each logit tile walks D in BLOCK_K steps, and dz_I accumulates in an fp32
+(N, D) workspace that each program reads and writes, for its own rows only, once per column tile (the
+output itself for fp32 inputs). See `_layout`.
 
-Extra memory: forward O(N) (loss and two statistics per row); backward O(N) plus, for D > REGISTER_D
-and 16-bit inputs, the O(N D) fp32 workspace. Every offset is 64-bit (int64 row and column indices
-times the strides), so inputs past 2**31 elements and transposed or strided views are read in place.
+Extra memory: forward O(N) (the loss and two statistics per row); backward O(N), plus the O(N D) fp32
+workspace for streamed 16-bit features. Every offset is 64-bit (int64 row and feature indices times
+the strides), so inputs past 2**31 elements and transposed or strided views are read in place.
 """
 
 from __future__ import annotations
@@ -49,48 +51,72 @@ HAS_TRITON_BACKWARD = True
 
 @dataclass(frozen=True)
 class TileLaunch:
-    """Tile sizes and warps of the two kernels. ``register_d``: widest D whose dz accumulator stays in
-    registers (wider D uses the fp32 workspace)."""
+    """Tile sizes and warps of one kernel. ``block_k`` is the step over D when the features are not
+    resident; ``resident_d`` the widest D kept resident (see `_layout`)."""
 
     block_m: int
     block_n: int
     block_k: int
     warps: int
     stages: int
-    register_d: int
+    resident_d: int
 
 
-# GPU: 64 x 64 logit tiles, 64-wide steps over D, 8 warps. Not yet tuned on a GPU (the sweep of
-# tests/gpu/sweep_blocks.py does not cover tiled kernels); 128-row forward blocks are the first
-# thing to try. The interpreter uses 16-wide tiles so the small test sizes (15/16/17/33 rows,
-# 16/17/40 columns) cross tile boundaries and D > 16 takes the workspace path.
-GPU_LAUNCH = TileLaunch(block_m=64, block_n=64, block_k=64, warps=8, stages=3, register_d=256)
-INTERPRETER_LAUNCH = TileLaunch(block_m=16, block_n=16, block_k=16, warps=1, stages=1, register_d=16)
+# GPU: not yet tuned on a GPU (tests/gpu/sweep_blocks.py covers row-wise kernels only). The forward
+# keeps 128 anchors per program; the backward 64, since it also holds the (64, D) fp32 accumulator.
+# The interpreter uses 16-wide tiles so the small test sizes (15/16/17/33 rows, 16/17/40 columns)
+# cross tile boundaries, and D > 16 takes the streamed path.
+GPU_FORWARD = TileLaunch(block_m=128, block_n=64, block_k=64, warps=8, stages=2, resident_d=256)
+GPU_BACKWARD = TileLaunch(block_m=64, block_n=64, block_k=64, warps=8, stages=2, resident_d=256)
+INTERPRETER_LAUNCH = TileLaunch(block_m=16, block_n=16, block_k=16, warps=1, stages=1, resident_d=16)
 
 
-def _launch() -> TileLaunch:
-    return INTERPRETER_LAUNCH if rt.interpreting() else GPU_LAUNCH
+def _layout(d: int, launch: TileLaunch) -> dict:
+    """Launch arguments for D-wide features.
+
+    Resident (D <= ``resident_d``): a program loads its anchors' features once, as flash-attention
+    keeps Q, and each column tile z_J is loaded once and serves every dot that needs it (in the
+    backward both S = z_I z_J^T and H z_J); the backward's dz accumulator stays in registers.
+    Streamed (wider D): every logit tile walks D in BLOCK_K steps, and the backward accumulates into
+    an fp32 workspace, BLOCK_K columns at a time."""
+    resident = d <= launch.resident_d
+    return dict(
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+        BLOCK_K=max(16, triton.next_power_of_2(d)) if resident else launch.block_k,
+        RESIDENT=resident, num_warps=launch.warps, num_stages=launch.stages,
+    )
+
+
+def _forward_launch(d: int) -> dict:
+    return _layout(d, INTERPRETER_LAUNCH if rt.interpreting() else GPU_FORWARD)
+
+
+def _backward_launch(d: int) -> dict:
+    return _layout(d, INTERPRETER_LAUNCH if rt.interpreting() else GPU_BACKWARD)
 
 
 @triton.jit
-def _logit_tile(
-    z_ptr, stride_zn, stride_zd,  # (N, D) features
-    rows, cols,                   # int64 row indices i (BLOCK_M,) and column indices j (BLOCK_N,)
-    N, D, inv_tau,
+def _load_rows(z_ptr, stride_zn, stride_zd, idx, k0, N, D, BLOCK_K: tl.constexpr):
+    """Features [k0, k0 + BLOCK_K) of rows ``idx`` (int64) as a (len(idx), BLOCK_K) tile; entries past
+    N or D read 0, so they add nothing to any dot product."""
+    ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    return tl.load(z_ptr + idx[:, None] * stride_zn + ks[None, :] * stride_zd,
+                   mask=(idx[:, None] < N) & (ks[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _streamed_logit_tile(
+    z_ptr, stride_zn, stride_zd, rows, cols, N, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The fp32 (BLOCK_M, BLOCK_N) tile z_rows . z_cols^T / tau, reduced over D in BLOCK_K steps.
-    Rows or columns past N, and features past D, load as 0."""
+    """The fp32 (BLOCK_M, BLOCK_N) tile z_rows . z_cols^T, D walked in BLOCK_K steps (times 1/tau
+    is left to the caller, as in the resident path)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        in_d = ks < D
-        a = tl.load(z_ptr + rows[:, None] * stride_zn + ks[None, :] * stride_zd,
-                    mask=(rows[:, None] < N) & in_d[None, :], other=0.0)          # (BLOCK_M, BLOCK_K)
-        b = tl.load(z_ptr + ks[:, None] * stride_zd + cols[None, :] * stride_zn,
-                    mask=in_d[:, None] & (cols[None, :] < N), other=0.0)          # (BLOCK_K, BLOCK_N) = z_cols^T
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc * inv_tau
+        a = _load_rows(z_ptr, stride_zn, stride_zd, rows, k0, N, D, BLOCK_K)
+        b = _load_rows(z_ptr, stride_zn, stride_zd, cols, k0, N, D, BLOCK_K)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -107,11 +133,15 @@ def _supcon_forward_kernel(
     loss_ptr,                     # out (N,) fp32: L_i (0 for anchors without positives)
     stats_ptr,                    # out (N, 2) fp32 contiguous: LSE_i and |P(i)|, for the backward
     N, D, inv_tau, loss_scale,    # loss_scale = tau / tau_b
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RESIDENT: tl.constexpr,       # D <= BLOCK_K: the anchors' features are loaded once
+    PRECISION: tl.constexpr,      # tl.dot input precision (fp32 features: "ieee" or "tf32")
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     y_rows = tl.load(y_ptr + rows * stride_y, mask=row_ok, other=0)
+    if RESIDENT:
+        z_rows = _load_rows(z_ptr, stride_zn, stride_zd, rows, 0, N, D, BLOCK_K)  # (BLOCK_M, D), kept
 
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max of l_ij over j != i
     s = tl.zeros((BLOCK_M,), tl.float32)                # running sum of exp(l_ij - m)
@@ -120,8 +150,12 @@ def _supcon_forward_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         y_cols = tl.load(y_ptr + cols * stride_y, mask=cols < N, other=0)
-        logits = _logit_tile(z_ptr, stride_zn, stride_zd, rows, cols, N, D, inv_tau,
-                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        if RESIDENT:
+            z_cols = _load_rows(z_ptr, stride_zn, stride_zd, cols, 0, N, D, BLOCK_K)
+            logits = tl.dot(z_rows, tl.trans(z_cols), input_precision=PRECISION) * inv_tau
+        else:
+            logits = _streamed_logit_tile(z_ptr, stride_zn, stride_zd, rows, cols, N, D,
+                                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * inv_tau
         others, positive = _pair_masks(rows, cols, y_rows, y_cols, N)
 
         # Online log-sum-exp. A row that has seen only -inf keeps m = -inf and s = 0 (shift 0 avoids
@@ -159,10 +193,10 @@ def _supcon_backward_kernel(
     z_ptr, stride_zn, stride_zd,     # (N, D) features, as in the forward
     y_ptr, stride_y,                 # (N,) labels
     stats_ptr,                       # (N, 2) fp32 from the forward: LSE_i, |P(i)|
-    dz_ptr, stride_dn, stride_dd,    # out (N, D): the gradient (registers path) or a zeroed fp32 workspace
+    dz_ptr, stride_dn, stride_dd,    # out (N, D): the gradient (resident) or a zeroed fp32 workspace (streamed)
     N, D, inv_tau, inv_tau_b,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_IN_REGISTERS: tl.constexpr,  # D <= BLOCK_D: the whole (BLOCK_M, D) accumulator fits in registers
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RESIDENT: tl.constexpr,          # D <= BLOCK_K: z_I loaded once, dz_I accumulated in registers
     PRECISION: tl.constexpr,         # tl.dot precision of the logit tile (as in the forward)
     H_DTYPE: tl.constexpr,           # dtype H is rounded to for H z_J (bf16 for bf16 features, else fp32)
     H_PRECISION: tl.constexpr,       # tl.dot precision of H z_J
@@ -171,46 +205,49 @@ def _supcon_backward_kernel(
     row_ok = rows < N
     y_rows = tl.load(y_ptr + rows * stride_y, mask=row_ok, other=0)
     lse_i, inv_pos_i, coef_i, has_pos_i = _gradient_coefficients(grad_ptr, stride_g, stats_ptr, rows, N, inv_tau_b)
+    if RESIDENT:
+        z_rows = _load_rows(z_ptr, stride_zn, stride_zd, rows, 0, N, D, BLOCK_K)  # (BLOCK_M, D), kept
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)                     # dz_I
 
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # dz_I, used when ACC_IN_REGISTERS
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < N
-        y_cols = tl.load(y_ptr + cols * stride_y, mask=col_ok, other=0)
+        y_cols = tl.load(y_ptr + cols * stride_y, mask=cols < N, other=0)
         lse_j, inv_pos_j, coef_j, has_pos_j = _gradient_coefficients(grad_ptr, stride_g, stats_ptr, cols, N, inv_tau_b)
-        logits = _logit_tile(z_ptr, stride_zn, stride_zd, rows, cols, N, D, inv_tau,
-                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        if RESIDENT:
+            z_cols = _load_rows(z_ptr, stride_zn, stride_zd, cols, 0, N, D, BLOCK_K)  # serves both dots
+            logits = tl.dot(z_rows, tl.trans(z_cols), input_precision=PRECISION) * inv_tau
+        else:
+            logits = _streamed_logit_tile(z_ptr, stride_zn, stride_zd, rows, cols, N, D,
+                                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * inv_tau
         others, positive = _pair_masks(rows, cols, y_rows, y_cols, N)
 
         # H_ij = G_ij + G_ji. Both use l_ij (= l_ji): G_ij normalises with anchor i's LSE and |P(i)|,
         # G_ji with anchor j's. `where`, not a product with 0, drops anchors without positives, whose
-        # statistics may be -inf (N = 1) or NaN.
+        # LSE may be -inf (N = 1).
         g_row = coef_i[:, None] * (tl.exp(logits - lse_i[:, None]) - tl.where(positive, inv_pos_i[:, None], 0.0))
         g_col = coef_j[None, :] * (tl.exp(logits - lse_j[None, :]) - tl.where(positive, inv_pos_j[None, :], 0.0))
         h = tl.where(has_pos_i[:, None], g_row, 0.0) + tl.where(has_pos_j[None, :], g_col, 0.0)
         h = tl.where(others, h, 0.0).to(H_DTYPE)
 
-        if ACC_IN_REGISTERS:
-            z_cols = tl.load(z_ptr + cols[:, None] * stride_zn + dims[None, :] * stride_zd,
-                             mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
+        if RESIDENT:
             acc = tl.dot(h, z_cols.to(H_DTYPE), acc, input_precision=H_PRECISION)
         else:
-            for d0 in range(0, D, BLOCK_D):
-                ds = d0 + dims
-                in_d = ds < D
-                z_cols = tl.load(z_ptr + cols[:, None] * stride_zn + ds[None, :] * stride_zd,
-                                 mask=col_ok[:, None] & in_d[None, :], other=0.0)
-                out = dz_ptr + rows[:, None] * stride_dn + ds[None, :] * stride_dd
-                out_mask = row_ok[:, None] & in_d[None, :]
+            # dz_I[:, k0:k0+BLOCK_K] += H z_J[:, k0:k0+BLOCK_K], read-modify-write of this program's
+            # own rows of the workspace (no other program touches them).
+            for k0 in range(0, D, BLOCK_K):
+                z_cols = _load_rows(z_ptr, stride_zn, stride_zd, cols, k0, N, D, BLOCK_K)
+                ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+                out = dz_ptr + rows[:, None] * stride_dn + ks[None, :] * stride_dd
+                out_mask = row_ok[:, None] & (ks[None, :] < D)
                 part = tl.load(out, mask=out_mask, other=0.0)
                 part = tl.dot(h, z_cols.to(H_DTYPE), part, input_precision=H_PRECISION)
                 tl.store(out, part, mask=out_mask)
-            tl.debug_barrier()  # this block's workspace writes are visible to its next read-modify-write
+            tl.debug_barrier()  # the block's writes are visible to its next read-modify-write
 
-    if ACC_IN_REGISTERS:
-        out = dz_ptr + rows[:, None] * stride_dn + dims[None, :] * stride_dd
-        tl.store(out, acc.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & (dims[None, :] < D))
+    if RESIDENT:
+        ks = tl.arange(0, BLOCK_K).to(tl.int64)
+        out = dz_ptr + rows[:, None] * stride_dn + ks[None, :] * stride_dd
+        tl.store(out, acc.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & (ks[None, :] < D))
 
 
 # ---------------------------------------------------------------------------------------------- host
@@ -235,12 +272,11 @@ def _supcon_rows(
     n, d = features.shape
     loss = torch.empty(n, device=features.device, dtype=torch.float32)
     stats = torch.empty((n, 2), device=features.device, dtype=torch.float32)
-    cfg = _launch()
-    _supcon_forward_kernel[(triton.cdiv(n, cfg.block_m),)](
+    launch = _forward_launch(d)
+    _supcon_forward_kernel[(triton.cdiv(n, launch["BLOCK_M"]),)](
         features, features.stride(0), features.stride(1), labels, labels.stride(0), loss, stats,
         n, d, 1.0 / temperature, temperature / base_temperature,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        PRECISION=rt.dot_precision(features.dtype), num_warps=cfg.warps, num_stages=cfg.stages,
+        PRECISION=rt.dot_precision(features.dtype), **launch,
     )
     return loss, stats
 
@@ -257,21 +293,16 @@ def _supcon_rows_backward(
     temperature: float, base_temperature: float,
 ) -> torch.Tensor:
     n, d = features.shape
-    cfg = _launch()
-    in_registers = d <= cfg.register_d
-    if in_registers:
+    launch = _backward_launch(d)
+    if launch["RESIDENT"]:
         grad = torch.empty((n, d), device=features.device, dtype=features.dtype)
-        block_d = max(16, triton.next_power_of_2(d))
     else:
         grad = torch.zeros((n, d), device=features.device, dtype=torch.float32)  # the workspace
-        block_d = cfg.register_d
-    _supcon_backward_kernel[(triton.cdiv(n, cfg.block_m),)](
+    _supcon_backward_kernel[(triton.cdiv(n, launch["BLOCK_M"]),)](
         grad_loss, grad_loss.stride(0), features, features.stride(0), features.stride(1),
         labels, labels.stride(0), stats, grad, grad.stride(0), grad.stride(1),
         n, d, 1.0 / temperature, 1.0 / base_temperature,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=block_d,
-        ACC_IN_REGISTERS=in_registers, PRECISION=rt.dot_precision(features.dtype),
-        **_second_product(features.dtype), num_warps=cfg.warps, num_stages=cfg.stages,
+        PRECISION=rt.dot_precision(features.dtype), **_second_product(features.dtype), **launch,
     )
     return grad.to(features.dtype)
 
