@@ -240,3 +240,11 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error(monkeypatch):
     a = torch.tensor([0])
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         acc.metrix_loss(x, y, a, a, a, lam=0.5)
+
+
+@pytest.mark.parametrize("mode", ["pos_neg", "anc_neg"])
+def test_triples_of_an_empty_or_single_batch_are_empty(mode):
+    for labels in (torch.zeros(0, dtype=torch.long), torch.tensor([3])):
+        assert all(t.numel() == 0 and t.dtype == torch.int64 for t in acc.metrix_triples(labels, mode=mode))
+    with pytest.raises(ValueError, match="mode"):
+        acc.metrix_triples(torch.tensor([0, 1]), mode="both")

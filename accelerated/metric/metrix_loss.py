@@ -471,6 +471,9 @@ def metrix_triples(labels, *, mode="pos_neg"):
         raise ValueError(f"labels must have shape (B,), got {labels.ndim} dimensions {tuple(labels.shape)}")
     check_choice(mode, "mode", MODES)
     b = labels.shape[0]
+    if b == 0:
+        empty = labels.new_zeros(0, dtype=torch.int64)
+        return empty, empty.clone(), empty.clone()
     same = labels[:, None] == labels[None, :]
     positive = same & ~torch.eye(b, dtype=torch.bool, device=labels.device)
     n_pos = positive.sum(1)

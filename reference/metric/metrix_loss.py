@@ -70,13 +70,18 @@ Semantics
 - NaN anywhere in a row that takes part in a pair or triple gives a NaN loss (``NaN != 0``, so NaN
   entries are *counted*; pytorch-metric-learning's ``losses > 0`` filter silently drops them
   instead). ``±inf`` entries normalise to NaN and do the same.
+- Whether an entry is counted is decided by exact zeros. Where a distance is zero only up to
+  rounding (a mixed vector parallel to its anchor through a non-trivial $\lambda$, say $z = \lambda
+  e_a$ when $e_{j} = 0$), the count, and so the loss, depends on the rounding; exact zeros (duplicate
+  rows, parallel rows differing by a power of two, $D = 1$, $\lambda = 1$ with ``mix_a == anchors``)
+  are reproduced exactly by the kernels, which normalise with a correctly rounded division.
 
 Where the paper and the code differ (this module follows the code):
 
-- The paper writes the mixed loss with one positive and one negative term per mixed pair averaged
-  over pairs; the code reduces the $\lambda$-weighted positive terms and the $(1-\lambda)$-weighted
-  negative terms *separately* by the non-zero average, so the weights $\lambda$, $1-\lambda$ do not
-  cancel but are divided by different counts.
+- The paper writes the mixed contrastive loss of an anchor as one sum over its mixed examples of
+  $\lambda$ times the positive term plus $1-\lambda$ times the negative term; the code reduces the
+  $\lambda$-weighted positive terms and the $(1-\lambda)$-weighted negative terms *separately* by
+  the non-zero average, so the two halves are divided by different counts.
 - The paper mixes a positive with any negative; the code uses only the anchor's first positive,
   repeating the anchor's negative list once per positive (with balanced sampling this leaves the
   averages unchanged). ``"anc_neg"`` in the code drops every anchor that has a positive; with
