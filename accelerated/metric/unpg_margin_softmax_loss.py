@@ -315,7 +315,10 @@ def _pair_backward_kernel(
         rows_j = j * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
         xj, rj = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows_j, B, D, eps, BLOCK_D)
         yj = tl.load(y_ptr + rows_j * stride_y, mask=rows_j < B, other=0).to(tl.int64)
-        xj_hat = (xj.to(tl.float32) * rj[:, None]).to(xj.dtype)
+        xj_hat = xj.to(tl.float32) * rj[:, None]
+        # A NaN row with no negative partner contributes exactly 0 (0 * NaN would poison the dot); one
+        # with a partner has already made E, and so coef, NaN.
+        xj_hat = tl.where(xj_hat == xj_hat, xj_hat, 0.0).to(xj.dtype)
         if j >= i:  # pairs (p in i, q in j), p < q
             valid = (rows_i[:, None] < rows_j[None, :]) & (rows_j < B)[None, :] & (yi[:, None] != yj[None, :])
             n = tl.dot(xi, tl.trans(xj), input_precision=PRECISION) * ri[:, None] * rj[None, :]
@@ -337,20 +340,21 @@ def _pair_backward_kernel(
 
 def _config(b: int, c: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes: 16 under the interpreter (so test shapes cross tiles); on the GPU, operand tiles of
-    at most ~64 KiB and fp32 gradient accumulators of at most 16 K elements."""
+    at most 32 KiB (full feature width: one ``tl.dot`` per tile) and fp32 gradient accumulators of at
+    most 16 K elements, two pipeline stages."""
     block_d = max(16, triton.next_power_of_2(d))
     if rt.interpreting():
         n_blocks = triton.cdiv(c, 16)
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_P=16, BLOCK_MB=16, BLOCK_D=block_d, warps=1,
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_P=16, BLOCK_MB=16, BLOCK_D=block_d, warps=1, stages=1,
                     splits=min(n_blocks, 2))
     row_bytes = block_d * torch.finfo(dtype).bits // 8
-    tile = 64 if row_bytes <= 1024 else (32 if row_bytes <= 2048 else 16)
-    acc_rows = max(16, min(64, 16384 // block_d))
+    tile = max(16, min(64, triton.next_power_of_2(32768 // row_bytes + 1) // 2))
+    acc_rows = max(16, min(64, 16384 // block_d, triton.next_power_of_2(65536 // row_bytes + 1) // 2))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     n_blocks = triton.cdiv(c, tile)
     splits = max(1, min(n_blocks, MAX_SPLITS, triton.cdiv(2 * sms, triton.cdiv(b, acc_rows))))
     return dict(BLOCK_M=tile, BLOCK_N=tile, BLOCK_P=min(tile, acc_rows), BLOCK_MB=acc_rows, BLOCK_D=block_d,
-                warps=8 if block_d >= 256 else 4, splits=splits)
+                warps=8 if block_d >= 256 else 4, stages=2, splits=splits)
 
 
 def _split_width(c: int, splits: int, block: int) -> tuple[int, int]:
@@ -417,7 +421,8 @@ def _unpg_rows(
     pair = torch.zeros(4, device=dev, dtype=torch.float32)  # lo, hi, M, Ẽ (E = exp(M) Ẽ); no pairs: E = 0
     if b > 1:
         n_pb = triton.cdiv(b, cfg["BLOCK_P"])
-        tiles = dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], PRECISION=prec, num_warps=cfg["warps"])
+        tiles = dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], PRECISION=prec, num_warps=cfg["warps"],
+                     num_stages=cfg["stages"])
         bounds = _whisker_bounds(xargs, b, d, eps, whisker, tiles)
         row_stats = torch.empty((2, b), device=dev, dtype=torch.float32)
         _pair_sumexp_kernel[(n_pb,)](*xargs, bounds, row_stats, b, d, eps, scale, **tiles)
@@ -435,7 +440,7 @@ def _unpg_rows(
     _class_forward_kernel[grid](
         *xargs, w, w.stride(0), w.stride(1), wn, part, zy, b, c, d, per, eps, scale, **hyper,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION=prec,
-        num_warps=cfg["warps"],
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     m_rows = part[0].max(dim=0).values
     l_rows = (part[1] * torch.exp(part[0] - m_rows)).sum(dim=0)
@@ -469,7 +474,7 @@ def _unpg_rows_backward(
     xn, wn = _norms(x), _norms(w)
     xargs = (x, x.stride(0), x.stride(1), xn, y, y.stride(0))
     wargs = (w, w.stride(0), w.stride(1), wn)
-    common = dict(BLOCK_D=cfg["BLOCK_D"], PRECISION=prec, num_warps=cfg["warps"])
+    common = dict(BLOCK_D=cfg["BLOCK_D"], PRECISION=prec, num_warps=cfg["warps"], num_stages=cfg["stages"])
     grad_x = x.new_empty(0)
     grad_w = w.new_empty(0)
     if need_embeddings:

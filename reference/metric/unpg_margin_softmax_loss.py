@@ -31,9 +31,10 @@ $$
 \ell_i = -z_{i y_i} + \log\Big(\sum_{j=0}^{C-1} e^{z_{ij}} + E\Big), \qquad E = \sum_{(p,q) \in \mathcal N'} e^{s\, n_{pq}} .
 $$
 
-The thresholds carry no gradient; the kept similarities do, to both embeddings of the pair:
-$\partial \ell / \partial n_{pq} = s\, e^{s n_{pq}} \sum_i g_i\, e^{-\mathrm{lse}_i}$ for an upstream
-gradient $g$ on the rows.
+The thresholds carry no gradient; the kept similarities do, to both embeddings of the pair: for an
+upstream gradient $g$ on the rows,
+$\partial (\sum_i g_i \ell_i) / \partial n_{pq} = s\, e^{s n_{pq}} \sum_i g_i\, e^{-\mathrm{lse}_i}$, where
+$\mathrm{lse}_i$ is the logarithm of row $i$'s denominator.
 
 Semantics
 ---------
@@ -44,8 +45,8 @@ Semantics
   (``head.zoo.yaml``): ``scale`` s = 64, ``margin`` m = 0.5 for both heads (CosFace papers usually
   use m = 0.35 to 0.4; pass it explicitly), ``whisker`` w = 1.5 (their K-FACE runs use 1.0).
   ``scale`` > 0, ``margin`` >= 0, ``whisker`` >= 0, ``eps`` > 0, all finite.
-- Normalisation is ``torch.nn.functional.normalize``'s: divide by ``max(norm, eps)``. Rows with
-  norm <= ``eps`` (zero rows) have unit-free value ``x / eps`` and gradient ``g / eps`` (no
+- Normalisation is ``torch.nn.functional.normalize``'s: divide by ``max(norm, eps)``. A row with
+  norm <= ``eps`` (a zero row) is divided by ``eps`` and its gradient is ``g / eps`` (no
   projection); otherwise the gradient is $(I - \hat x \hat x^\top)\, g / \lVert x \rVert$.
 - ArcFace clamp: the target cosine is clamped to $[-1 + \delta, 1 - \delta]$ with
   $\delta = 2^{-20} \approx 9.5 \times 10^{-7}$ before the arc-cosine (the authors' code has no
@@ -58,7 +59,12 @@ Semantics
 - Negative pairs are the strict upper triangle ($p < q$) of the batch's cosine matrix, label
   differing; a pair with two identical embeddings of different labels counts. Ties do not matter:
   the filter is value based and $Q_1$, $Q_3$ are values of the sorted list. The bounds are
-  inclusive. Because $Q_1 \le n \le Q_3$ always passes, $E > 0$ whenever $L \ge 1$.
+  inclusive. Because $Q_1 \le n \le Q_3$ always passes, $E > 0$ whenever $L \ge 1$. A cosine
+  within rounding of a bound may be kept by one implementation and dropped by another (the kernels
+  compute the cosines in float32, this reference in float64): the filter is discontinuous there.
+  With D = 1 every cosine is $\pm 1$ and such ties are the rule.
+- Single-device semantics: the authors' multi-GPU path stacks one copy of the kept list per device
+  (a shape bug with more than one GPU); here the batch is the one passed in.
 - No negative pair ($L = 0$: B = 1, or every label equal): $E = 0$ and the loss is the plain
   margin softmax (the authors' code fails on an empty list).
 - ``reduction``: ``"mean"`` (default, the code's ``CrossEntropyLoss``) divides the sum by B;
@@ -222,8 +228,9 @@ def unpg_margin_softmax_loss_grad(grad, embeddings, labels, weight, *, margin_ty
             dn = np.where(f["kept"], s * row_factor * np.exp(sn - f["log_e"]), 0.0)
             if np.isnan(f["log_e"]):
                 dn = np.full_like(sn, np.nan)
-            np.add.at(dx_hat, f["p"], dn[:, None] * f["x_hat"][f["q"]])
-            np.add.at(dx_hat, f["q"], dn[:, None] * f["x_hat"][f["p"]])
+            pair_grad = np.zeros((b, b))  # dL/dS for the cosine matrix S = x_hat x_hat^T, upper triangle
+            pair_grad[f["p"], f["q"]] = dn
+            dx_hat += (pair_grad + pair_grad.T) @ f["x_hat"]
     eps = hyper["eps"]
     return {
         "embeddings": _normalize_grad(dx_hat, f["x_hat"], f["x_norm"], eps),
