@@ -73,7 +73,7 @@ def _row_norm_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_b + cols[None, :] * stride_d,
                     mask=row_mask[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(x * x, axis=1)
-    tl.store(norm_ptr + rows, tl.sqrt(acc), mask=row_mask)
+    tl.store(norm_ptr + rows, tl.sqrt_rn(acc), mask=row_mask)
 
 
 @triton.jit
@@ -85,9 +85,10 @@ def _load_rows(x_ptr, stride_b, stride_d, rows, row_mask, cols, D):
 
 @triton.jit
 def _load_unit_rows(x_ptr, stride_b, stride_d, rows, denom, row_mask, cols, D):
-    """ê = e / max(n, eps) for ``rows`` (the denominators in ``denom``) at columns ``cols``. A correctly
-    rounded division, as the reference's, keeps parallel rows exactly equal after normalisation
-    (with D = 1 every row is exactly +-1), so their distance is exactly 0 and is not counted."""
+    """ê = e / max(n, eps) for ``rows`` (the denominators in ``denom``) at columns ``cols``. Correctly
+    rounded division and square roots (``div_rn``, ``sqrt_rn``; the defaults are approximate on the
+    GPU), as the reference's, keep parallel rows exactly equal after normalisation (with D = 1 every
+    row is exactly +-1), so their distance is exactly 0 and is not counted."""
     return tl.math.div_rn(_load_rows(x_ptr, stride_b, stride_d, rows, row_mask, cols, D), denom[:, None])
 
 
@@ -102,7 +103,7 @@ def _tile_distance(x_ptr, stride_b, stride_d, rows_i, den_i, mask_i, rows_j, den
         xj = _load_unit_rows(x_ptr, stride_b, stride_d, rows_j, den_j, mask_j, cols, D)
         diff = xi[:, None, :] - xj[None, :, :]
         acc += tl.sum(diff * diff, axis=2)
-    return tl.sqrt(acc)
+    return tl.sqrt_rn(acc)
 
 
 @triton.jit
@@ -173,7 +174,7 @@ def _triple_geometry(x_ptr, stride_b, stride_d, a, den_a, i, j, t_mask, D, lam, 
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
         z = _mixed_rows(x_ptr, stride_b, stride_d, i, j, t_mask, cols, D, lam)
         z_sq += tl.sum(z * z, axis=1)
-    z_norm = tl.sqrt(z_sq)
+    z_norm = tl.sqrt_rn(z_sq)
     den_z = tl.maximum(z_norm, eps)
     d_sq = tl.zeros(a.shape, dtype=tl.float32)
     dot = tl.zeros(a.shape, dtype=tl.float32)
@@ -184,7 +185,7 @@ def _triple_geometry(x_ptr, stride_b, stride_d, a, den_a, i, j, t_mask, D, lam, 
         diff = ea - zhat
         d_sq += tl.sum(diff * diff, axis=1)
         dot += tl.sum(ea * zhat, axis=1)
-    return z_norm, den_z, tl.sqrt(d_sq), dot
+    return z_norm, den_z, tl.sqrt_rn(d_sq), dot
 
 
 @triton.jit
@@ -259,6 +260,7 @@ def _clean_backward_kernel(
             ptrs = out_rows + cols[None, :]
             m = mask_i[:, None] & (cols < D)[None, :]
             tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) + tl.sum(term, axis=1), mask=m)
+        tl.debug_barrier()  # this program re-reads its rows of the buffer: make its own writes visible
     # Through the normalisation: (G - ê (ê·G)) / n, or G / eps for rows with n <= eps.
     proj = tl.zeros([BLOCK_I], dtype=tl.float32)
     for start in range(0, D, BLOCK_D):
