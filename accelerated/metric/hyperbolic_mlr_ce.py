@@ -303,8 +303,8 @@ def _mlr_backward_cols_kernel(
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, N)
     out_off = split * K * D
-    for r0 in range(row_start, row_end, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    for r in range(0, rows_per_split, BLOCK_N):
+        rows = row_start + r + tl.arange(0, BLOCK_N).to(tl.int64)
         y, in_n, ignored, live, bad = _load_rows(target_ptr, stride_t, rows, row_end, K, ignore_index)
         g = tl.load(grad_ptr + rows * stride_g, mask=live, other=0.0).to(tl.float32)
         m = tl.load(stats_ptr + rows * 3, mask=in_n, other=0.0)
@@ -327,7 +327,7 @@ def _mlr_backward_cols_kernel(
                         mask=live[:, None] & in_d[None, :], other=0.0)
             mask = in_k[:, None] & in_d[None, :]
             offs = out_off + cols[:, None] * D + ds[None, :]
-            first = r0 == row_start
+            first = r == 0
             ga = _dot_acc(d_xa, x, tl.zeros((BLOCK_K, BLOCK_D), tl.float32), PRECISION)
             ga += tl.load(ga_ptr + offs, mask=mask & ~first, other=0.0)
             tl.store(ga_ptr + offs, ga, mask=mask)

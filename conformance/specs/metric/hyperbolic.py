@@ -159,14 +159,15 @@ EXPMAP0 = Spec(
 # ---------------------------------------------------------------------------- poincare_distance
 
 DISTANCE_TOLERANCE = Tolerance(
-    rtol={"float64": 1e-10, "float32": 1e-4, "float16": 1e-3, "bfloat16": 1.6e-2},
+    rtol={"float64": 1e-10, "float32": 2e-4, "float16": 1e-3, "bfloat16": 1.6e-2},
     atol={"float64": 1e-12, "float32": 1e-6, "float16": 1e-5, "bfloat16": 1e-4},
     atol_scales_with_row=True,
     reasons=(
         "atol grows with sqrt(D): the distance is a function of three reductions over D.",
-        "fp32 rtol 1e-4: points are drawn up to sqrt(c)||x|| = 0.999, where 1 - c||x||^2 ~ 2e-3 is formed "
-        "in fp32 from an fp32 ||x||^2 and so carries ~500 ulps of relative error; the gradient divides by it "
-        "twice (measured worst ~5e-5 relative). 16-bit inputs are drawn up to 0.99 and computed in fp32.",
+        "fp32 rtol 2e-4: points are drawn up to sqrt(c)||x|| = 0.999, where 1 - c||x||^2 ~ 2e-3 is formed "
+        "in fp32 from an fp32 ||x||^2 (and c rounded to fp32) and so carries ~500 ulps of relative error; "
+        "the gradient divides by it twice (measured worst ~8e-5 relative on the dev profile). 16-bit inputs "
+        "are drawn up to 0.99 and computed in fp32.",
         "gradient atol is relative to the row's largest entry: entries are sums of terms of the row's scale.",
     ),
 )
