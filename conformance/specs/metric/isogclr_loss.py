@@ -131,6 +131,7 @@ def _bad_inputs() -> tuple[BadInput, ...]:
         BadInput("batch of one pair (B - 1 = 0)", call(x[:1], y[:1], ok[:1], ok[:1]), ValueError, "image_features"),
         BadInput("empty batch", call(x[:0], y[:0], ok[:0], ok[:0]), ValueError, "image_features"),
         BadInput("1-D image_features", call(x=x[0]), ValueError, "image_features"),
+        BadInput("no features (D = 0)", call(x[:, :0], y[:, :0]), ValueError, "image_features"),
         BadInput("text batch differs from the image batch", call(y=y[:2]), ValueError, "text_features"),
         BadInput("text width differs", call(y=y[:, :3]), ValueError, "text_features"),
         BadInput("state_image of shape (B, 3)", call(si=ok[:, :3]), ValueError, "state_image"),
