@@ -35,8 +35,9 @@ __all__ = ["focal_infonce_loss", "FocalInfoNCELoss"]
 HAS_TRITON_BACKWARD = True
 
 # Tiles on the GPU (queries x candidates x feature slice); untuned guesses pending a GPU sweep.
-GPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=3)
+GPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=3)
 INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16)
+GPU_ONE_CHUNK_MAX = 256  # widest D whose backward accumulators (BLOCK x D fp32) stay in registers
 
 
 def _tiles() -> dict:
@@ -182,13 +183,51 @@ def _ds_tile(s, rows, row_mask, cols, col_mask, stats_ptr, grad_ptr, stride_g, H
 
 
 @triton.jit
+def _accumulate(acc, acc_ptr, out_rows, out_mask, ds, x_ptr, stride_xb, stride_xd, x_rows, x_mask, D,
+                DS_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+                ONE_CHUNK: tl.constexpr):
+    """acc += ds @ X[x_rows] for a (BLOCK_R, BLOCK_K) coefficient tile ``ds`` and rows of an (N, D) input X.
+
+    ONE_CHUNK (D <= BLOCK_D): the (BLOCK_R, BLOCK_D) fp32 accumulator lives in registers (``acc``).
+    Otherwise it is too wide for registers (D = 1024) and lives in the zero-initialised fp32 buffer
+    ``acc_ptr`` (row r at r * D; L2-resident, only this program's rows), one BLOCK_D slice at a time.
+    """
+    if ONE_CHUNK:
+        dcols = tl.arange(0, BLOCK_D).to(tl.int64)
+        x = tl.load(x_ptr + x_rows[:, None] * stride_xb + dcols[None, :] * stride_xd,
+                    mask=x_mask[:, None] & (dcols < D)[None, :], other=0.0).to(DS_DTYPE)
+        acc = tl.dot(ds, x, acc, input_precision=GRAD_PRECISION)
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            dcols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            d_mask = dcols < D
+            x = tl.load(x_ptr + x_rows[:, None] * stride_xb + dcols[None, :] * stride_xd,
+                        mask=x_mask[:, None] & d_mask[None, :], other=0.0).to(DS_DTYPE)
+            out = acc_ptr + out_rows[:, None] * D + dcols[None, :]
+            out_mask2 = out_mask[:, None] & d_mask[None, :]
+            partial = tl.load(out, mask=out_mask2, other=0.0)
+            partial = tl.dot(ds, x, partial, input_precision=GRAD_PRECISION)
+            tl.store(out, partial, mask=out_mask2)
+    return acc
+
+
+@triton.jit
+def _store_accumulator(acc, acc_ptr, out_rows, out_mask, D, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    """Write a register accumulator (ONE_CHUNK) to the fp32 buffer; the chunked path already did."""
+    if ONE_CHUNK:
+        dcols = tl.arange(0, BLOCK_D).to(tl.int64)
+        tl.store(acc_ptr + out_rows[:, None] * D + dcols[None, :], acc,
+                 mask=out_mask[:, None] & (dcols < D)[None, :])
+
+
+@triton.jit
 def _dq_sweep(
     q_ptr, stride_qb, stride_qd, rows, row_mask,
     c_ptr, stride_cb, stride_cd, N,   # one candidate set, as in _lse_sweep
     stats_ptr, grad_ptr, stride_g,
-    acc_ptr,                          # (B, D) fp32 contiguous accumulator of sum_j dS_ij c_j (this block's rows)
+    acc, acc_ptr,                     # accumulator of sum_j dS_ij c_j for this block's rows (see _accumulate)
     D, inv_temp,
-    HAS_DIAG: tl.constexpr, DS_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    HAS_DIAG: tl.constexpr, DS_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     for start in range(0, N, BLOCK_N):
@@ -197,18 +236,9 @@ def _dq_sweep(
         s = _score_tile(q_ptr, stride_qb, stride_qd, rows, row_mask, c_ptr, stride_cb, stride_cd, cols, col_mask,
                         D, inv_temp, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         ds = _ds_tile(s, rows, row_mask, cols, col_mask, stats_ptr, grad_ptr, stride_g, HAS_DIAG).to(DS_DTYPE)
-        # The (BLOCK_M, D) accumulator is too wide for registers at D = 1024: it lives in global
-        # memory (L2-resident: this program's rows only), one BLOCK_D slice at a time.
-        for d0 in range(0, D, BLOCK_D):
-            dcols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            d_mask = dcols < D
-            c = tl.load(c_ptr + cols[:, None] * stride_cb + dcols[None, :] * stride_cd,
-                        mask=col_mask[:, None] & d_mask[None, :], other=0.0).to(DS_DTYPE)
-            out = acc_ptr + rows[:, None] * D + dcols[None, :]
-            out_mask = row_mask[:, None] & d_mask[None, :]
-            acc = tl.load(out, mask=out_mask, other=0.0)
-            acc = tl.dot(ds, c, acc, input_precision=GRAD_PRECISION)
-            tl.store(out, acc, mask=out_mask)
+        acc = _accumulate(acc, acc_ptr, rows, row_mask, ds, c_ptr, stride_cb, stride_cd, cols, col_mask, D,
+                          DS_DTYPE, GRAD_PRECISION, BLOCK_D, ONE_CHUNK)
+    return acc
 
 
 @triton.jit
@@ -218,19 +248,23 @@ def _focal_infonce_dq_kernel(
     neg_ptr, stride_nb, stride_nd,    # (H, D) hard negatives
     stats_ptr,                        # (B, 3) fp32 from the forward: m_i, s_i, coef_i
     grad_ptr, stride_g,               # (B,) upstream gradient of the per-query losses (stride 0 if broadcast)
-    acc_ptr,                          # out (B, D) fp32 zero-initialised: sum_j dS_ij c_j  (dQ = acc / tau)
+    acc_ptr,                          # out (B, D) fp32 contiguous, zero-initialised: sum_j dS_ij c_j (dQ = acc / tau)
     B, H, D, inv_temp,
-    DS_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    DS_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Row pass: one program per block of queries sweeps every candidate."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_mask = rows < B
-    _dq_sweep(q_ptr, stride_qb, stride_qd, rows, row_mask, pos_ptr, stride_pb, stride_pd, B, stats_ptr, grad_ptr,
-              stride_g, acc_ptr, D, inv_temp, True, DS_DTYPE, GRAD_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-    _dq_sweep(q_ptr, stride_qb, stride_qd, rows, row_mask, neg_ptr, stride_nb, stride_nd, H, stats_ptr, grad_ptr,
-              stride_g, acc_ptr, D, inv_temp, False, DS_DTYPE, GRAD_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    acc = _dq_sweep(q_ptr, stride_qb, stride_qd, rows, row_mask, pos_ptr, stride_pb, stride_pd, B, stats_ptr,
+                    grad_ptr, stride_g, acc, acc_ptr, D, inv_temp, True, DS_DTYPE, GRAD_PRECISION, ONE_CHUNK,
+                    BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    acc = _dq_sweep(q_ptr, stride_qb, stride_qd, rows, row_mask, neg_ptr, stride_nb, stride_nd, H, stats_ptr,
+                    grad_ptr, stride_g, acc, acc_ptr, D, inv_temp, False, DS_DTYPE, GRAD_PRECISION, ONE_CHUNK,
+                    BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    _store_accumulator(acc, acc_ptr, rows, row_mask, D, BLOCK_D, ONE_CHUNK)
 
 
 @triton.jit
@@ -239,32 +273,25 @@ def _focal_infonce_dc_kernel(
     c_ptr, stride_cb, stride_cd,      # (N, D) one candidate set: the positives (HAS_DIAG) or the hard negatives
     stats_ptr,                        # (B, 3) fp32 from the forward
     grad_ptr, stride_g,               # (B,) upstream gradient of the per-query losses
-    acc_ptr,                          # out (N, D) fp32 zero-initialised: sum_i dS_ij q_i  (dC = acc / tau)
+    acc_ptr,                          # out (N, D) fp32 contiguous, zero-initialised: sum_i dS_ij q_i (dC = acc / tau)
     B, N, D, inv_temp,
-    HAS_DIAG: tl.constexpr, DS_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    HAS_DIAG: tl.constexpr, DS_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Column pass (flash-attention's dK/dV loop): one program per block of candidates sweeps every query."""
     pid = tl.program_id(0).to(tl.int64)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     col_mask = cols < N
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for start in range(0, B, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_mask = rows < B
         s = _score_tile(q_ptr, stride_qb, stride_qd, rows, row_mask, c_ptr, stride_cb, stride_cd, cols, col_mask,
                         D, inv_temp, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         ds_t = tl.trans(_ds_tile(s, rows, row_mask, cols, col_mask, stats_ptr, grad_ptr, stride_g, HAS_DIAG))
-        ds_t = ds_t.to(DS_DTYPE)
-        for d0 in range(0, D, BLOCK_D):
-            dcols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            d_mask = dcols < D
-            q = tl.load(q_ptr + rows[:, None] * stride_qb + dcols[None, :] * stride_qd,
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(DS_DTYPE)
-            out = acc_ptr + cols[:, None] * D + dcols[None, :]
-            out_mask = col_mask[:, None] & d_mask[None, :]
-            acc = tl.load(out, mask=out_mask, other=0.0)
-            acc = tl.dot(ds_t, q, acc, input_precision=GRAD_PRECISION)
-            tl.store(out, acc, mask=out_mask)
+        acc = _accumulate(acc, acc_ptr, cols, col_mask, ds_t.to(DS_DTYPE), q_ptr, stride_qb, stride_qd, rows,
+                          row_mask, D, DS_DTYPE, GRAD_PRECISION, BLOCK_D, ONE_CHUNK)
+    _store_accumulator(acc, acc_ptr, cols, col_mask, D, BLOCK_D, ONE_CHUNK)
 
 
 # ---------------------------------------------------------------------------------------------- host
@@ -282,9 +309,14 @@ def _dot_settings(dtype: torch.dtype) -> dict:
     return dict(PRECISION=precision, DS_DTYPE=tl.float32, GRAD_PRECISION=grad_precision)
 
 
-def _kernel_kwargs(dtype: torch.dtype) -> tuple[dict, dict]:
+def _kernel_kwargs(dtype: torch.dtype, d: int) -> tuple[dict, dict]:
+    """Tiles, and the dot settings plus ONE_CHUNK (D fits one BLOCK_D slice: the backward keeps its
+    accumulators in registers). On the GPU a D up to 256 is one slice."""
     tiles = _tiles()
+    if not rt.interpreting() and d <= GPU_ONE_CHUNK_MAX:
+        tiles["BLOCK_D"] = max(16, triton.next_power_of_2(d))
     dots = _dot_settings(dtype)
+    dots["ONE_CHUNK"] = d <= tiles["BLOCK_D"]
     return tiles, dots
 
 
@@ -297,7 +329,7 @@ def _focal_infonce_rows(
     h = negatives.shape[0]
     loss = torch.empty(b, device=query.device, dtype=torch.float32)
     stats = torch.empty((b, 3), device=query.device, dtype=torch.float32)
-    tiles, dots = _kernel_kwargs(query.dtype)
+    tiles, dots = _kernel_kwargs(query.dtype, d)
     grid = (triton.cdiv(b, tiles["BLOCK_M"]),)
     _focal_infonce_forward_kernel[grid](
         query, query.stride(0), query.stride(1),
@@ -322,14 +354,15 @@ def _focal_infonce_rows_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, d = query.shape
     h = negatives.shape[0]
-    tiles, dots = _kernel_kwargs(query.dtype)
+    tiles, dots = _kernel_kwargs(query.dtype, d)
     inv_temp = 1.0 / temperature
     qs, ps, ns = (query.stride(0), query.stride(1)), (positive.stride(0), positive.stride(1)), \
         (negatives.stride(0), negatives.stride(1))
+    alloc = torch.empty if dots["ONE_CHUNK"] else torch.zeros  # the chunked path adds into its buffer
     # Gradients nobody asked for are distinct empty tensors (custom-op outputs must not alias).
     d_query, d_positive, d_negatives = query.new_empty(0), query.new_empty(0), query.new_empty(0)
     if need_query:
-        acc = torch.zeros((b, d), device=query.device, dtype=torch.float32)
+        acc = alloc((b, d), device=query.device, dtype=torch.float32)
         _focal_infonce_dq_kernel[(triton.cdiv(b, tiles["BLOCK_M"]),)](
             query, *qs, positive, *ps, negatives, *ns, stats, grad_loss, grad_loss.stride(0), acc,
             b, h, d, inv_temp, **dots, **tiles,
@@ -339,7 +372,7 @@ def _focal_infonce_rows_backward(
                                              (need_negatives, negatives, ns, h, False)):
         if not need:
             continue
-        acc = torch.zeros((n, d), device=query.device, dtype=torch.float32)
+        acc = alloc((n, d), device=query.device, dtype=torch.float32)
         if n > 0:
             _focal_infonce_dc_kernel[(triton.cdiv(n, tiles["BLOCK_N"]),)](
                 query, *qs, cand, *strides, stats, grad_loss, grad_loss.stride(0), acc,
