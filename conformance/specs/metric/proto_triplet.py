@@ -11,7 +11,7 @@ differences skip the exact ties, where the loss has a kink.
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import strategies as st
+from hypothesis import assume, strategies as st
 
 from ...numerics import round_to_dtype
 from ...registry import register
@@ -99,6 +99,7 @@ def _proto_samples(draw, profile, dtype):
         qr, pr = round_to_dtype(q, dtype), round_to_dtype(p, dtype)
         if _proto_clean(qr, y, pr, margin * scale):
             break
+    assume(_proto_clean(qr, y, pr, margin * scale))  # coarse dtypes (bf16) may need another draw
     reduction = draw(st.sampled_from(("mean", "sum", "none")))
     layouts = {"queries": draw(st.sampled_from(LAYOUTS)), "prototypes": draw(st.sampled_from(LAYOUTS))}
     return Sample({"queries": q, "query_labels": y.astype(np.int64), "prototypes": p},
@@ -277,8 +278,10 @@ def _icnn_samples(draw, profile, dtype):
         else:
             yt = rng.integers(0, classes, size=m)
             t = centres[yt] + rng.normal(size=(m, d)) * scale * spread
-        if _icnn_decisions_clean(round_to_dtype(o, dtype), yo, round_to_dtype(t, dtype), yt, k, ipc):
+        clean = _icnn_decisions_clean(round_to_dtype(o, dtype), yo, round_to_dtype(t, dtype), yt, k, ipc)
+        if clean:
             break
+    assume(clean)  # coarse dtypes (bf16) may need another draw
     layouts = {"origin": draw(st.sampled_from(LAYOUTS)), "target": draw(st.sampled_from(LAYOUTS))}
     return Sample({"origin": o, "origin_labels": yo.astype(np.int64), "target": t, "target_labels": yt.astype(np.int64)},
                   {"k": k, "ipc": ipc}, ("origin", "target"), layouts=layouts, grad_out=upstream_grad(rng, ()),
@@ -348,16 +351,6 @@ def _icnn_bench(way, shot, query, d):
                      smoke=lambda rng: build(rng, 2, 2, 2, 4))
 
 
-def _target_ignored(fn):
-    """Scores the origin against itself whatever target is given."""
-
-    def port(**kw):
-        out = fn(**dict(kw, target=kw["origin"], target_labels=kw["origin_labels"]))
-        return out + 0.0 * kw["target"].sum()
-
-    return port
-
-
 def _labels_ignored(fn):
     """All points treated as one class (a port that forgets the labels)."""
     return lambda **kw: fn(**dict(kw, origin_labels=kw["origin_labels"] * 0, target_labels=kw["target_labels"] * 0))
@@ -409,8 +402,7 @@ ICNN = Spec(
     ),
     bench_cases=(_icnn_bench(5, 5, 15, 640), _icnn_bench(20, 5, 30, 640)),
     bytes_moved=_icnn_bytes,
-    wrong_ports={"labels ignored": _labels_ignored, "k ignored (always 4)": _k_ignored,
-                 "target set ignored": _target_ignored},
+    wrong_ports={"labels ignored": _labels_ignored, "k ignored (always 4)": _k_ignored},
     properties=(
         "neighbours in the order (distance, index); the first is always dropped (code quirk)",
         "k clamped to M - 2 (then gamma = 1), as in the authors' code",
