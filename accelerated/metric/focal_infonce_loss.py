@@ -14,7 +14,12 @@ Forward, one program per block of BLOCK_M queries:
 Backward, dS_ij = g_i coef_i (exp(S_ij - m_i) / s_i - [j = i]), recomputed tile by tile:
     row pass     (one program per query block):      dQ  = dS C / tau
     column pass  (one program per candidate block):  dC  = dS^T Q / tau   (positives, then negatives)
-Extra memory: the O(B) statistics, and fp32 accumulators of the gradients (O((B + H) D)).
+Work: five (B, B + H, D) GEMMs for forward + backward (the scores are recomputed twice), against
+three for eager PyTorch, which instead writes and re-reads the (B, B + H) matrix several times.
+Extra memory: the O(B) statistics, and fp32 accumulators of the gradients (O((B + H) D)); when D
+fits one BLOCK_D slice (D <= 256 on the GPU) the accumulators live in registers until the end,
+otherwise they are updated in global memory one slice per tile.
+Gradient dots: dS is cast to bf16 for bf16 inputs (as flash-attention does), kept in fp32 otherwise.
 
 A non-finite score in a row (a NaN or inf in the query or in any candidate) makes that row's loss
 NaN and stores m_i = NaN, so the backward turns the row's gradient terms into NaN as the
@@ -367,7 +372,7 @@ def _focal_infonce_rows_backward(
             query, *qs, positive, *ps, negatives, *ns, stats, grad_loss, grad_loss.stride(0), acc,
             b, h, d, inv_temp, **dots, **tiles,
         )
-        d_query = (acc * inv_temp).to(query.dtype)
+        d_query = acc.mul_(inv_temp).to(query.dtype)
     for need, cand, strides, n, has_diag in ((need_positive, positive, ps, b, True),
                                              (need_negatives, negatives, ns, h, False)):
         if not need:
@@ -378,7 +383,7 @@ def _focal_infonce_rows_backward(
                 query, *qs, cand, *strides, stats, grad_loss, grad_loss.stride(0), acc,
                 b, n, d, inv_temp, HAS_DIAG=has_diag, **dots, **tiles,
             )
-        grad = (acc * inv_temp).to(query.dtype)
+        grad = acc.mul_(inv_temp).to(query.dtype)
         if has_diag:
             d_positive = grad
         else:
