@@ -8,6 +8,10 @@ form. Distances are computed from the differences, sum_k (u_k - v_k)^2, not from
 - 2 u.v: the self-distance of the ICNN loss is sqrt(1e-6) and near neighbours matter, where the dot
 form cancels catastrophically in fp32.
 
+Every kernel takes ROWS rows (queries, prototypes, origin or target points) per program: one on
+the GPU, 16 under the Triton interpreter, whose cost is per operation (the arrays gain a leading
+row axis; the maths is the same).
+
 Proto-Triplet, one program per query i (forward) and per prototype c (backward):
 
     forward:   d+_i = d(q_i, p_{y_i}),  (d-_i, n_i) = lexicographic min over c != y_i of (d(q_i, p_c), c),
