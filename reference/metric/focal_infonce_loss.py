@@ -3,9 +3,10 @@ r"""Focal InfoNCE: contrastive loss with in-batch and hard negatives, reweighted
 Paper P31 — *KaLM-Embedding-V2: Superior Training Techniques and Data Inspire A Versatile Embedding
 Model* (Zhao et al., arXiv 2025).
 
-Queries $q_i$ ($i = 1..B$), their positives $p_i$, and $H$ hard negatives $n_k$ shared by every
-query. Each query scores every candidate $c = [p_1, \dots, p_B, n_1, \dots, n_H]$ (its own positive,
-the other queries' positives as in-batch negatives, and the hard negatives):
+Queries $q_i$ ($i = 1..B$), their positives $v_i$, and $H$ hard negatives $n_k$ shared by every
+query. Each query scores every candidate $c = [v_1, \dots, v_B, n_1, \dots, n_H]$ (its own positive,
+the other queries' positives as in-batch negatives, and the hard negatives); $p_i$ is the
+probability the softmax gives query $i$'s own positive:
 
 $$
 S_{ij} = \frac{q_i \cdot c_j}{\tau}, \qquad
@@ -18,13 +19,13 @@ queries whose positive already wins ($p_i \to 1$), as the focal loss does for ea
 The gradient with respect to the scores is
 
 $$
-\frac{\partial \ell_i}{\partial S_{ij}} = c_i \left(\operatorname{softmax}_j(S_{i\cdot}) - [j = i]\right),
+\frac{\partial \ell_i}{\partial S_{ij}} = \kappa_i \left(\operatorname{softmax}_j(S_{i\cdot}) - [j = i]\right),
 \qquad
-c_i = (1 - p_i)^{\gamma}\Bigl(1 + \gamma\, \frac{u_i}{e^{u_i} - 1}\Bigr),
+\kappa_i = (1 - p_i)^{\gamma}\Bigl(1 + \gamma\, \frac{u_i}{e^{u_i} - 1}\Bigr),
 $$
 
 (the second term is $\gamma p_i (1-p_i)^{\gamma-1}(-\log p_i)$ rewritten so that it stays finite as
-$p_i \to 1$), or $c_i = (1 - p_i)^\gamma$ when the weight is detached. Then
+$p_i \to 1$), or $\kappa_i = (1 - p_i)^\gamma$ when the weight is detached. Then
 $\partial q_i = \frac{1}{\tau}\sum_j \partial S_{ij}\, c_j$ and
 $\partial c_j = \frac{1}{\tau}\sum_i \partial S_{ij}\, q_i$.
 
