@@ -22,7 +22,7 @@ the saved (LSE, |P|) of *both* blocks and accumulates dz_I += H_IJ z_J. Each pro
 of dz (no atomics, deterministic), and the backward costs two tile products per (I, J) tile:
 recompute S, then H z_J. A row pass plus a column pass would cost four, each recomputing S.
 
-Features up to 256 wide are resident (flash-attention's Q): a program loads its anchors once and
+Features up to 256 wide (128 in fp32) are resident (flash-attention's Q): a program loads its anchors once and
 every column tile once, which then serves both backward dots, and dz_I accumulates in registers.
 Wider features are streamed: each logit tile walks D in BLOCK_K steps, and dz_I accumulates in an fp32
 (N, D) workspace that each program reads and writes, for its own rows only, once per column tile (the
@@ -52,7 +52,7 @@ HAS_TRITON_BACKWARD = True
 @dataclass(frozen=True)
 class TileLaunch:
     """Tile sizes and warps of one kernel. ``block_k`` is the step over D when the features are not
-    resident; ``resident_d`` the widest D kept resident (see `_layout`)."""
+    resident; ``resident_d`` the widest 16-bit D kept resident, half that for fp32 (see `_layout`)."""
 
     block_m: int
     block_n: int
@@ -65,21 +65,23 @@ class TileLaunch:
 # GPU: not yet tuned on a GPU (tests/gpu/sweep_blocks.py covers row-wise kernels only). The forward
 # keeps 128 anchors per program; the backward 64, since it also holds the (64, D) fp32 accumulator.
 # The interpreter uses 16-wide tiles so the small test sizes (15/16/17/33 rows, 16/17/40 columns)
-# cross tile boundaries, and D > 16 takes the streamed path.
+# cross tile boundaries, and D > 16 (D > 8 in fp32) takes the streamed path.
 GPU_FORWARD = TileLaunch(block_m=128, block_n=64, block_k=64, warps=8, stages=2, resident_d=256)
 GPU_BACKWARD = TileLaunch(block_m=64, block_n=64, block_k=64, warps=8, stages=2, resident_d=256)
 INTERPRETER_LAUNCH = TileLaunch(block_m=16, block_n=16, block_k=16, warps=1, stages=1, resident_d=16)
 
 
-def _layout(d: int, launch: TileLaunch) -> dict:
-    """Launch arguments for D-wide features.
+def _layout(features: torch.Tensor, launch: TileLaunch) -> dict:
+    """Launch arguments for (N, D) ``features``.
 
-    Resident (D <= ``resident_d``): a program loads its anchors' features once, as flash-attention
+    Resident (D <= ``resident_d``, D <= ``resident_d / 2`` for fp32, whose tiles are twice the
+    registers): a program loads its anchors' features once, as flash-attention
     keeps Q, and each column tile z_J is loaded once and serves every dot that needs it (in the
     backward both S = z_I z_J^T and H z_J); the backward's dz accumulator stays in registers.
     Streamed (wider D): every logit tile walks D in BLOCK_K steps, and the backward accumulates into
     an fp32 workspace, BLOCK_K columns at a time."""
-    resident = d <= launch.resident_d
+    d = features.shape[1]
+    resident = d * features.element_size() <= 2 * launch.resident_d
     return dict(
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
         BLOCK_K=max(16, triton.next_power_of_2(d)) if resident else launch.block_k,
@@ -87,12 +89,12 @@ def _layout(d: int, launch: TileLaunch) -> dict:
     )
 
 
-def _forward_launch(d: int) -> dict:
-    return _layout(d, INTERPRETER_LAUNCH if rt.interpreting() else GPU_FORWARD)
+def _forward_launch(features: torch.Tensor) -> dict:
+    return _layout(features, INTERPRETER_LAUNCH if rt.interpreting() else GPU_FORWARD)
 
 
-def _backward_launch(d: int) -> dict:
-    return _layout(d, INTERPRETER_LAUNCH if rt.interpreting() else GPU_BACKWARD)
+def _backward_launch(features: torch.Tensor) -> dict:
+    return _layout(features, INTERPRETER_LAUNCH if rt.interpreting() else GPU_BACKWARD)
 
 
 @triton.jit
@@ -272,7 +274,7 @@ def _supcon_rows(
     n, d = features.shape
     loss = torch.empty(n, device=features.device, dtype=torch.float32)
     stats = torch.empty((n, 2), device=features.device, dtype=torch.float32)
-    launch = _forward_launch(d)
+    launch = _forward_launch(features)
     _supcon_forward_kernel[(triton.cdiv(n, launch["BLOCK_M"]),)](
         features, features.stride(0), features.stride(1), labels, labels.stride(0), loss, stats,
         n, d, 1.0 / temperature, temperature / base_temperature,
@@ -293,7 +295,7 @@ def _supcon_rows_backward(
     temperature: float, base_temperature: float,
 ) -> torch.Tensor:
     n, d = features.shape
-    launch = _backward_launch(d)
+    launch = _backward_launch(features)
     if launch["RESIDENT"]:
         grad = torch.empty((n, d), device=features.device, dtype=features.dtype)
     else:
