@@ -249,3 +249,107 @@ def test_bad_arguments_are_named(bad, match):
     args = dict(features=torch.zeros(4, 3), labels=torch.zeros(4, dtype=torch.long)) | bad
     with pytest.raises((TypeError, ValueError), match=match):
         acc_supcon(**args)
+
+
+# ------------------------------------------------------------------------------------ GPU lane only
+
+on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or acc_module.rt.interpreting(),
+                            reason="compiled kernels need a CUDA GPU (the interpreter cannot run bf16 dots)")
+# (loss rtol, gradient tolerance relative to the largest gradient entry) per dtype on the GPU.
+GPU_TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 3e-3), torch.bfloat16: (1.6e-2, 2e-2)}
+
+
+def _gpu_check(z, y, dtype, loss_rtol, grad_tol, **kw):
+    """Loss rows and the gradient of the compiled kernels against the float64 reference on the
+    rounded inputs."""
+    n = z.shape[0]
+    g = np.random.default_rng(1).uniform(0.5, 2.0, n)
+    zt = z.detach().to(dtype).requires_grad_(True)
+    out = acc_supcon(zt, y, reduction="none", **kw)
+    (gz,) = torch.autograd.grad(out, zt, torch.tensor(g, device=zt.device, dtype=dtype))
+    z64, y64 = zt.detach().double().cpu().numpy(), y.cpu().numpy()
+    g64 = torch.tensor(g).to(dtype).double().numpy()
+    want = supcon_loss(z64, y64, reduction="none", **kw)
+    want_g = supcon_loss_grad(g64, z64, y64, reduction="none", **kw)
+    assert out.dtype == dtype and gz.dtype == dtype
+    np.testing.assert_allclose(out.double().cpu().numpy(), want, rtol=loss_rtol, atol=loss_rtol * np.abs(want).max())
+    np.testing.assert_allclose(gz.double().cpu().numpy(), want_g, rtol=0, atol=grad_tol * np.abs(want_g).max())
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n, d", [(1000, 64), (777, 256), (513, 300), (257, 1024)])
+def test_gpu_tiles_match_the_reference(dtype, n, d):
+    """Resident (D <= 256, fp32 <= 128) and streamed (fp32 workspace) paths at 64/128-wide tiles."""
+    z = torch.tensor(unit_rows(n, d, seed=n), device="cuda")
+    y = torch.randint(0, 40, (n,), device="cuda")
+    _gpu_check(z, y, dtype, *GPU_TOLERANCE[dtype], temperature=0.1, base_temperature=0.07)
+
+
+@on_gpu
+def test_gpu_tf32_follows_the_matmul_precision():
+    """fp32 at torch.set_float32_matmul_precision("high") multiplies in TF32 (10-bit mantissa)."""
+    z = torch.tensor(unit_rows(600, 128, seed=5), device="cuda")
+    y = torch.randint(0, 20, (600,), device="cuda")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        _gpu_check(z, y, torch.float32, 5e-3, 1e-2, temperature=0.1)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@on_gpu
+def test_gpu_extra_memory_is_linear_in_the_batch():
+    """B = 16384, D = 256, bf16: forward + backward allocate the gradient and O(B) statistics, far below
+    the 1 GiB one fp32 B x B matrix takes (the benchmark's bound is 5% of the eager baseline's peak)."""
+    n, d = 16384, 256
+    z = F.normalize(torch.randn(n, d, device="cuda"), dim=1).to(torch.bfloat16).requires_grad_(True)
+    y = torch.randint(0, 1000, (n,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    acc_supcon(z, y).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 0.05 * n * n * 4, f"extra peak {extra / 2**20:.1f} MiB"
+    assert extra < 2 * n * d * 2 + 2**20 * 4, f"extra peak {extra / 2**20:.1f} MiB"
+
+
+@on_gpu
+@pytest.mark.parametrize("d", [64, 300])
+def test_gpu_offsets_beyond_2_to_the_31(d):
+    """A (4096, D) view whose rows are 2**20 + 64 elements apart: offsets reach ~4.3e9 elements."""
+    n, stride = 4096, 2**20 + 64
+    try:
+        buf = torch.zeros(n, stride, device="cuda", dtype=torch.bfloat16)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for an 8 GiB buffer")
+    buf[:, :d] = F.normalize(torch.randn(n, d, device="cuda"), dim=1).to(torch.bfloat16)
+    view = buf[:, :d]
+    y = torch.randint(0, 100, (n,), device="cuda")
+    results = []
+    for z in (view, view.contiguous()):
+        z = z.detach().requires_grad_(True)  # detach keeps the strides
+        loss = acc_supcon(z, y, reduction="none")
+        (gz,) = torch.autograd.grad(loss, z, torch.ones_like(loss))
+        results.append((loss, gz))
+    assert results[0][1].shape == (n, d)
+    del buf, view
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+@on_gpu
+def test_gpu_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    fn = torch.compile(lambda z, y: acc_supcon(z, y, temperature=0.1), fullgraph=True)
+    z = F.normalize(torch.randn(300, 128, device="cuda"), dim=1).to(torch.bfloat16)
+    y = torch.randint(0, 10, (300,), device="cuda")
+    z1, z2 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    out = fn(z1, y)
+    out.backward()
+    want = acc_supcon(z2, y, temperature=0.1)
+    want.backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(z1.grad, z2.grad)
