@@ -16,13 +16,17 @@ Forward (three kernels):
   The host adds the partials: loss = S+/C+ + S-/C- + w (Sm+/Cm+ + Sm-/Cm-) (S/max(C, 1)).
 
 Backward (d loss / d distance is a constant per set, 1/C, times the hinge's slope):
-  4. `_clean_backward_kernel`, one program per BLOCK_I rows, owning them: over all column tiles it
-     recomputes the distances and adds G_i += 2 sum_j c_ij (ê_i - ê_j) / d_ij (each unordered pair
-     appears twice, as (i, j) and (j, i)), then pushes G_i through the normalisation,
-     (G_i - ê_i (ê_i·G_i)) / n_i, and writes it to the fp32 gradient buffer. Deterministic, no atomics.
-  5. `_mixed_backward_kernel`, one program per BLOCK_T triples: recomputes z, d and ê_a·ẑ, forms
+  4. `_clean_backward_kernel`, one program per BLOCK_I rows and split of the column tiles (splits
+     only so that a small batch fills the GPU): recomputes the distance tiles and adds
+     G_i += 2 sum_j c_ij (ê_i - ê_j) / d_ij (each unordered pair appears twice, as (i, j) and (j, i))
+     into an fp32 (B, D) buffer with atomics (differences taken directly: no cancellation at small d).
+  5. `_normalize_backward_kernel`, per row, in place: G_i -> (G_i - ê_i (ê_i·G_i)) / n_i.
+  6. `_mixed_backward_kernel`, one program per BLOCK_T triples: recomputes z, d and ê_a·ẑ, forms
      v = c (ê_a - ẑ) / d, pushes v through the anchor's normalisation and -v through the mixed
-     vector's, and adds them into rows a, i (times lam) and j (times 1 - lam) with fp32 atomics.
+     vector's (the projections come from the dot products at hand), and adds them into rows a,
+     i (times lam) and j (times 1 - lam) with fp32 atomics; a block whose triples share their anchor
+     (or mix_a row), as the authors' sorted triples do, adds its summed row once.
+  Atomics make the gradient's last bits vary from run to run.
 Extra memory: B norms, O(B²/(BLOCK_I BLOCK_J) + M/BLOCK_T) partial sums, and one fp32 (B, D)
 gradient buffer in the backward.
 """
@@ -48,9 +52,16 @@ def _blocks() -> dict:
     """Tile sizes: 16-wide under the interpreter so small test shapes cross tile boundaries. On the GPU
     a clean tile holds BLOCK_I x BLOCK_J x BLOCK_D differences (64 registers a thread at 4 warps), a
     triple block BLOCK_T x BLOCK_DT elements of each gathered row (not yet tuned on a GPU)."""
-    if rt.interpreting():
-        return dict(BLOCK_I=16, BLOCK_J=16, BLOCK_D=16, BLOCK_T=32, BLOCK_DT=16, BLOCK_R=16, warps=1)
-    return dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=8, BLOCK_T=32, BLOCK_DT=128, BLOCK_R=32, warps=4)
+    if rt.interpreting():  # two column splits in the clean backward, so the split is tested too
+        return dict(BLOCK_I=16, BLOCK_J=16, BLOCK_D=16, BLOCK_T=32, BLOCK_DT=16, BLOCK_R=16, warps=1,
+                    programs=lambda device: 2)
+    return dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=8, BLOCK_T=32, BLOCK_DT=128, BLOCK_R=32, warps=4,
+                programs=_programs_to_fill)
+
+
+def _programs_to_fill(device) -> int:
+    """Programs the clean backward aims for: two per streaming multiprocessor."""
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
@@ -230,18 +241,20 @@ def _clean_backward_kernel(
     labels_ptr, stride_label,   # (B,) labels
     norm_ptr,                   # (B,) fp32 row norms
     counts_ptr,                 # (4,) int64 non-zero counts: clean +, clean -, mixed +, mixed -
-    out_ptr,                    # out (B, D) fp32 contiguous, zero-filled: d loss / d e from the clean part
+    out_ptr,                    # (B, D) fp32 contiguous, zero-filled: d loss / d ê, added into atomically
     B, D, pos_margin, neg_margin, eps,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Program (I, s) owns the rows of block I and the column tiles s, s + S, s + 2S, ... (S programs
+    # along axis 1 split the columns so that small batches still fill the GPU).
     rows_i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
     mask_i = rows_i < B
-    norm_i = tl.load(norm_ptr + rows_i, mask=mask_i, other=1.0)
-    den_i = tl.maximum(norm_i, eps)
+    den_i = tl.maximum(tl.load(norm_ptr + rows_i, mask=mask_i, other=1.0), eps)
     coef_pos = _set_coefficients(grad_ptr, counts_ptr, 0, 1.0)
     coef_neg = _set_coefficients(grad_ptr, counts_ptr, 1, 1.0)
-    out_rows = out_ptr + rows_i[:, None] * D
-    for start_j in range(0, B, BLOCK_J):
+    for start_j in range(split * BLOCK_J, B, n_split * BLOCK_J):
         rows_j = start_j + tl.arange(0, BLOCK_J).to(tl.int64)
         mask_j = rows_j < B
         den_j = tl.maximum(tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0), eps)
@@ -257,24 +270,37 @@ def _clean_backward_kernel(
             xi = _load_unit_rows(x_ptr, stride_b, stride_d, rows_i, den_i, mask_i, cols, D)
             xj = _load_unit_rows(x_ptr, stride_b, stride_d, rows_j, den_j, mask_j, cols, D)
             term = tl.where(q[:, :, None] != 0.0, q[:, :, None] * (xi[:, None, :] - xj[None, :, :]), 0.0)
-            ptrs = out_rows + cols[None, :]
-            m = mask_i[:, None] & (cols < D)[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) + tl.sum(term, axis=1), mask=m)
-        tl.debug_barrier()  # this program re-reads its rows of the buffer: make its own writes visible
-    # Through the normalisation: (G - ê (ê·G)) / n, or G / eps for rows with n <= eps.
-    proj = tl.zeros([BLOCK_I], dtype=tl.float32)
+            tl.atomic_add(out_ptr + rows_i[:, None] * D + cols[None, :], tl.sum(term, axis=1),
+                          mask=mask_i[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _normalize_backward_kernel(
+    x_ptr, stride_b, stride_d,  # (B, D) embeddings
+    norm_ptr,                   # (B,) fp32 row norms
+    out_ptr,                    # (B, D) fp32 contiguous: d loss / d ê in, d loss / d e out (in place)
+    B, D, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """G -> (G - ê (ê·G)) / n, or G / eps for rows with n <= eps: the backward of ê = e / max(n, eps)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_mask = rows < B
+    norm = tl.load(norm_ptr + rows, mask=row_mask, other=1.0)
+    den = tl.maximum(norm, eps)
+    out_rows = out_ptr + rows[:, None] * D
+    proj = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-        m = mask_i[:, None] & (cols < D)[None, :]
-        xi = _load_unit_rows(x_ptr, stride_b, stride_d, rows_i, den_i, mask_i, cols, D)
-        proj += tl.sum(xi * tl.load(out_rows + cols[None, :], mask=m, other=0.0), axis=1)
-    proj = tl.where(norm_i > eps, proj, 0.0)
+        m = row_mask[:, None] & (cols < D)[None, :]
+        xhat = _load_unit_rows(x_ptr, stride_b, stride_d, rows, den, row_mask, cols, D)
+        proj += tl.sum(xhat * tl.load(out_rows + cols[None, :], mask=m, other=0.0), axis=1)
+    proj = tl.where(norm > eps, proj, 0.0)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-        m = mask_i[:, None] & (cols < D)[None, :]
-        xi = _load_unit_rows(x_ptr, stride_b, stride_d, rows_i, den_i, mask_i, cols, D)
+        m = row_mask[:, None] & (cols < D)[None, :]
+        xhat = _load_unit_rows(x_ptr, stride_b, stride_d, rows, den, row_mask, cols, D)
         g = tl.load(out_rows + cols[None, :], mask=m, other=0.0)
-        tl.store(out_rows + cols[None, :], (g - xi * proj[:, None]) / den_i[:, None], mask=m)
+        tl.store(out_rows + cols[None, :], (g - xhat * proj[:, None]) / den[:, None], mask=m)
 
 
 @triton.jit
@@ -394,9 +420,14 @@ def _metrix_backward(
     grad = grad.to(torch.float32).contiguous()
     x, sb, sd = embeddings, embeddings.stride(0), embeddings.stride(1)
     if b > 0:
-        _clean_backward_kernel[(_cdiv(b, cfg["BLOCK_I"]),)](
+        grid_i, tiles_j = _cdiv(b, cfg["BLOCK_I"]), _cdiv(b, cfg["BLOCK_J"])
+        splits = min(tiles_j, max(1, -(-cfg["programs"](embeddings.device) // grid_i)))
+        _clean_backward_kernel[(grid_i, splits)](
             grad, x, sb, sd, labels, labels.stride(0), norms, counts, out, b, d, pos_margin, neg_margin, EPS,
             BLOCK_I=cfg["BLOCK_I"], BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["warps"],
+        )
+        _normalize_backward_kernel[(_cdiv(b, cfg["BLOCK_R"]),)](
+            x, sb, sd, norms, out, b, d, EPS, BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["warps"],
         )
     if m > 0 and mix_weight != 0.0:
         _mixed_backward_kernel[(_cdiv(m, cfg["BLOCK_T"]),)](
