@@ -248,3 +248,23 @@ def test_triples_of_an_empty_or_single_batch_are_empty(mode):
         assert all(t.numel() == 0 and t.dtype == torch.int64 for t in acc.metrix_triples(labels, mode=mode))
     with pytest.raises(ValueError, match="mode"):
         acc.metrix_triples(torch.tensor([0, 1]), mode="both")
+
+
+def test_blocks_of_triples_sharing_anchor_and_mix_a_rows():
+    """The backward adds a block's summed row once when all its triples share the anchor (and the
+    mix_a row), as the authors' sorted triples do; the interpreter's blocks hold 32 triples."""
+    rng = np.random.default_rng(3)
+    y = np.array([0, 0, 1, 1, 2, 2, 3, 4])
+    x = rng.normal(size=(8, 5))
+    anchors = np.repeat([0, 1, 5], 32)
+    mix_a = np.concatenate([np.full(32, 1), np.full(32, 0), rng.integers(0, 8, 32)])
+    mix_b = np.concatenate([rng.choice([2, 3, 4, 5, 6, 7], 32), rng.choice([2, 3, 6, 7], 32),
+                            rng.choice([0, 1, 2, 3, 6, 7], 32)])
+    xt = torch.tensor(x, dtype=torch.float32, requires_grad=True)
+    idx = [torch.tensor(v) for v in (anchors, mix_a, mix_b)]
+    loss = acc.metrix_loss(xt, torch.tensor(y), *idx, **KW)
+    (grad,) = torch.autograd.grad(loss, xt, torch.tensor(0.7))
+    xr = xt.detach().double().numpy()
+    np.testing.assert_allclose(loss.item(), metrix_loss(xr, y, anchors, mix_a, mix_b, **KW), rtol=1e-5)
+    want = metrix_loss_grad(0.7, xr, y, anchors, mix_a, mix_b, **KW)
+    np.testing.assert_allclose(grad.numpy(), want, rtol=1e-4, atol=1e-6)
