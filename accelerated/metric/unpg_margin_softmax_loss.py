@@ -23,15 +23,17 @@ Forward
      loss_i = (m_i - z_iy) + log l_i.
   Saved for the backward: (m_i, l_i) per row, the norms, and four scalars (lo, hi, M, Ẽ).
 Backward (recomputes every tile)
-  - ``_class_backward_rows_kernel``: per (row block, class split), dX̂_I += Gc ŴJ with
+  - ``_class_backward_rows_kernel``: per (row block, class split), dX̂_I += Gc Ŵ_J with
     Gc_ij = g_i s (p_ij - [j = y_i]) (∂t/∂cos at the target) and p_ij = exp(z_ij - m_i) / l_i.
   - ``_class_backward_cols_kernel``: per class block, dŴ_J = Σ_I Gcᵀ X̂_I, projected through the
     normalisation in-kernel and written as dW.
   - ``_pair_backward_kernel``: per row block, dX̂_I += G X̂ over the kept pairs on both sides,
     G_pq = c exp(s n_pq - M), c = s Σ_i g_i exp(M - lse_i) (one scalar).
   The row-side partial sums (one slab per class split plus one for the pairs) are added and
-  projected through the normalisation on the host: O(splits · B · D) extra memory, no atomics.
-Extra memory: O(B) statistics, O(C) norms, O(splits · B · D) for dX, nothing of size B·C or B·B.
+  projected through the normalisation on the host: O(splits · B · D) extra memory and no floating-point
+  atomics (the histograms count with integer atomics, which are exact), so results are deterministic.
+Extra memory: O(B) statistics, O(C) norms, three 65536-bin histograms, O(splits · B · D) for dX;
+nothing of size B·C or B·B.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ __all__ = ["unpg_margin_softmax_loss", "UNPGMarginSoftmaxLoss"]
 HAS_TRITON_BACKWARD = True
 
 MARGIN_TYPES = ("arcface", "cosface")
-CLAMP_HI = 1.0 - 2.0**-20  # ArcFace clamp of the target cosine, exactly representable in float32
 MAX_SPLITS = 8  # class splits per row block on the GPU (each adds one (B, D) fp32 slab backward)
 
 
@@ -69,20 +70,30 @@ def _row_block(ptr, stride_row, stride_col, norm_ptr, rows, n_rows, D, eps, BLOC
 
 
 @triton.jit
-def _target(x, rx, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
+def _target(x, rx, x_unit, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
             ARCFACE: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per row of a block: the margin target t(c) of the target cosine c = x̂_i · ŵ_{y_i}, and dt/dc.
-    ArcFace: cos(arccos(c') + m) = c' cos m - sin θ sin m with c' = c clamped to ±(1 - 2^-20) and
-    sin θ = sqrt((1 - c')(1 + c')) (no cancellation near |c| = 1); dt/dc = cos m + sin m · c / sin θ
-    strictly inside the clamp, 0 at or beyond it. CosFace: t = c - m, dt/dc = 1."""
-    safe = tl.where((y >= 0) & (y < C), y, 0)
+    ``x_unit``: the rows whose norm exceeds eps (x̂ is a unit vector).
+
+    ArcFace: cos(arccos(c') + m) = c' cos m - sin θ sin m with c' = c clamped to ±(1 - 2^-20);
+    dt/dc = cos m + sin m · c / sin θ strictly inside the clamp, 0 at or beyond it. CosFace: t = c - m,
+    dt/dc = 1. Near |c| = 1 the slope is ~1/θ, and sin θ = sqrt((1 - c)(1 + c)) from an fp32 cosine
+    would carry a relative error ~1e-7 / θ²; for unit rows (1 - c) and (1 + c) are taken instead from
+    |x̂ - ŵ|² / 2 and |x̂ + ŵ|² / 2, whose relative error is ~1e-7 / θ."""
+    valid = (y >= 0) & (y < C)
+    safe = tl.where(valid, y, 0)
     w_y, r_y = _row_block(w_ptr, stride_wc, stride_wd, wnorm_ptr, safe, C, D, eps, BLOCK_D)
-    c = tl.sum(x.to(tl.float32) * w_y.to(tl.float32), axis=1) * rx * r_y
+    xh = x.to(tl.float32) * rx[:, None]
+    wh = w_y.to(tl.float32) * r_y[:, None]
+    c = tl.sum(xh * wh, axis=1)
     if ARCFACE:
+        unit = x_unit & (tl.load(wnorm_ptr + safe, mask=valid, other=0.0) > eps)
+        one_minus = tl.where(unit, 0.5 * tl.sum((xh - wh) * (xh - wh), axis=1), 1.0 - c)
+        one_plus = tl.where(unit, 0.5 * tl.sum((xh + wh) * (xh + wh), axis=1), 1.0 + c)
         hi = 0.99999904632568359375  # 1 - 2^-20, exact in fp32
         inside = (c < hi) & (c > -hi)
         cc = tl.where(c > hi, hi, tl.where(c < -hi, -hi, c))  # where, not minimum: keeps NaN
-        sin_theta = tl.sqrt((1.0 - cc) * (1.0 + cc))
+        sin_theta = tl.sqrt(tl.where(inside, one_minus * one_plus, (1.0 - cc) * (1.0 + cc)))
         t = cc * cos_m - sin_theta * sin_m
         slope = tl.where(inside, cos_m + sin_m * c / tl.where(inside, sin_theta, 1.0), 0.0)
     else:
@@ -188,7 +199,8 @@ def _class_forward_kernel(
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     x, rx = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows, B, D, eps, BLOCK_D)
     y = tl.load(y_ptr + rows * stride_y, mask=rows < B, other=-1).to(tl.int64)
-    t, _ = _target(x, rx, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
+    x_unit = tl.load(xnorm_ptr + rows, mask=rows < B, other=0.0) > eps
+    t, _ = _target(x, rx, x_unit, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
                    ARCFACE, BLOCK_D)
     c_begin = split * classes_per_split
     c_end = tl.minimum(c_begin + classes_per_split, C)
@@ -224,7 +236,8 @@ def _class_backward_rows_kernel(
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     x, rx = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows, B, D, eps, BLOCK_D)
     y = tl.load(y_ptr + rows * stride_y, mask=rows < B, other=-1).to(tl.int64)
-    t, slope = _target(x, rx, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
+    x_unit = tl.load(xnorm_ptr + rows, mask=rows < B, other=0.0) > eps
+    t, slope = _target(x, rx, x_unit, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
                        ARCFACE, BLOCK_D)
     m = tl.load(stats_ptr + rows * 2, mask=rows < B, other=0.0)
     l = tl.load(stats_ptr + rows * 2 + 1, mask=rows < B, other=1.0)
@@ -267,7 +280,8 @@ def _class_backward_cols_kernel(
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
         x, rx = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows, B, D, eps, BLOCK_D)
         y = tl.load(y_ptr + rows * stride_y, mask=rows < B, other=-1).to(tl.int64)
-        t, slope = _target(x, rx, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
+        x_unit = tl.load(xnorm_ptr + rows, mask=rows < B, other=0.0) > eps
+        t, slope = _target(x, rx, x_unit, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
                            ARCFACE, BLOCK_D)
         m = tl.load(stats_ptr + rows * 2, mask=rows < B, other=0.0)
         l = tl.load(stats_ptr + rows * 2 + 1, mask=rows < B, other=1.0)
@@ -417,7 +431,7 @@ def _unpg_rows(
     xn, wn = _norms(x), _norms(w)
     xargs = (x, x.stride(0), x.stride(1), xn, y, y.stride(0))
 
-    # Pair term: the whisker bounds by radix select, then (max, sumexp) of the kept pairs per row block.
+    # Pair term: the whisker bounds by radix select, then (max, sumexp) of the kept pairs per row.
     pair = torch.zeros(4, device=dev, dtype=torch.float32)  # lo, hi, M, Ẽ (E = exp(M) Ẽ); no pairs: E = 0
     if b > 1:
         n_pb = triton.cdiv(b, cfg["BLOCK_P"])

@@ -23,7 +23,7 @@ CLASS_COUNTS = {
 
 TOLERANCE = Tolerance(
     rtol={"float64": 1e-10, "float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2},
-    atol={"float64": 1e-12, "float32": 1e-5, "float16": 1e-4, "bfloat16": 1e-3},
+    atol={"float64": 1e-12, "float32": 1e-5, "float16": 3e-4, "bfloat16": 1e-3},
     atol_scales_with_row=True,
     reasons=(
         "fp32 rtol 1e-4 / atol 1e-5: every logit is s * cos with s up to 64, so the fp32 rounding of a "
@@ -34,8 +34,10 @@ TOLERANCE = Tolerance(
         "atol scales with the row's largest entry: a gradient row is a sum of terms s * p * w_hat / |x| "
         "whose fp32 error is relative to the largest of them, not to entries that nearly cancel.",
         "16-bit inputs: the backward multiplies the in-tile softmax weights rounded to the input dtype by "
-        "the class centres / embeddings (as flash-attention does with P @ V); the loss is returned in the "
-        "input dtype. Outputs also pass when no worse than 2x the eager baseline + atol.",
+        "the normalised class centres / embeddings, also rounded (as flash-attention does with P @ V): "
+        "both operands carry a relative error of 2^-11 in fp16, so fp16 atol is 3e-4 of the gradient "
+        "row's largest entry (the normalisation's projection then cancels most of an entry). The loss is "
+        "returned in the input dtype. Outputs also pass when no worse than 2x the eager baseline + atol.",
         "bfloat16 (GPU lane only; the interpreter cannot run bf16 dots): the eager-baseline rule, the "
         "baseline itself rounding every cosine to bf16 before the scale of 64.",
     ),
@@ -73,7 +75,8 @@ def _samples(draw, profile: str, dtype: str):
     elif mode == "duplicate centre" and c > 1:
         w[1] = w[0]
     elif mode == "near target":
-        x[0] = w[labels[0]] * 3.0 + 1e-3 * rng.normal(size=d)  # target cosine close to 1 (ArcFace slope large)
+        # Target cosine within ~1e-5 of 1: the ArcFace slope sin(theta + m) / sin(theta) is in the hundreds.
+        x[0] = w[labels[0]] * 3.0 + 1e-3 * rng.normal(size=d)
     kwargs = _hyper(draw)
     layouts = {"embeddings": draw(st.sampled_from(LAYOUTS)), "weight": draw(st.sampled_from(LAYOUTS))}
     if draw(st.booleans()):
@@ -172,13 +175,13 @@ def _bench_case(b: int, d: int, c: int) -> BenchCase:
 
 def _flops(arrays: dict, direction: str) -> float:
     """FLOPs the kernels execute, recomputation included. Forward: the class logits once (2BCD) and
-    the upper triangle of the pair cosines five times (four radix-select passes and the sum-exp pass,
+    the upper triangle of the pair cosines three times (two radix-select passes and the sum-exp pass,
     B^2 D each). Backward: the class logits twice (row pass and column pass, 2BCD each) plus the two
     gradient products (2BCD each); the pair tiles of both orientations recomputed and multiplied
     (4 B^2 D)."""
     b, d = np.shape(arrays["embeddings"])
     c = np.shape(arrays["weight"])[0]
-    fwd = 2.0 * b * c * d + 5.0 * b * b * d
+    fwd = 2.0 * b * c * d + 3.0 * b * b * d
     bwd = 8.0 * b * c * d + 4.0 * b * b * d
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]
 
