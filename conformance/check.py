@@ -30,18 +30,19 @@ PROFILES = {
 DEFAULT_DTYPES = {"ci": ("float32", "float16"), "dev": ("float32", "float16"), "gpu": ("float32", "float16", "bfloat16")}
 
 
-def hypothesis_settings(profile: str, max_examples: int | None = None) -> settings:
+def hypothesis_settings(profile: str, max_examples: int | None = None, shrink: bool = True) -> settings:
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {tuple(PROFILES)}, got {profile!r}")
     options = dict(PROFILES[profile])
     if max_examples is not None:
         options["max_examples"] = max_examples
+    phases = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target) + ((Phase.shrink,) if shrink else ())
     return settings(
         deadline=None,
         database=None,
         print_blob=True,
         suppress_health_check=list(HealthCheck),
-        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
+        phases=phases,
         **options,
     )
 
@@ -195,6 +196,7 @@ def check_port(
     check_grad: bool = True,
     bad_inputs: bool = True,
     max_examples: int | None = None,
+    shrink: bool = True,
 ) -> Report:
     """Check an implementation ``fn`` of ``technique`` against the reference.
 
@@ -210,6 +212,8 @@ def check_port(
 
     ``profile`` picks the Hypothesis settings and input sizes (``ci``: derandomized and small;
     ``dev``: more examples; ``gpu``: vocabulary-sized rows); ``max_examples`` overrides its count.
+    ``shrink=False`` reports the first failing input as drawn instead of searching for a minimal one
+    (faster when only the verdict matters).
     """
     spec = technique if isinstance(technique, Spec) else _lookup(technique)
     report = Report(spec.name if spec else str(technique), _implementation_name(fn) if fn else "none")
@@ -322,7 +326,7 @@ def check_port(
                     run_one(sample, dtype)
                 except Mismatch as exc:
                     report.fail(f"edge case: {exc}")
-            _run_hypothesis(spec, profile, dtype, run_one, report, max_examples)
+            _run_hypothesis(spec, profile, dtype, run_one, report, max_examples, shrink)
         if bad_inputs:
             _check_bad_inputs(spec, fn, native, numpy_of, report)
     except NotImplementedError as exc:
@@ -337,8 +341,9 @@ def _check_dtype(value, dtype: str, which, sample: Sample) -> None:
         raise Mismatch(f"output {which}: dtype {got}, expected {dtype}\n  input: {sample.describe()}")
 
 
-def _run_hypothesis(spec: Spec, profile: str, dtype: str, run_one, report: Report, max_examples=None) -> None:
-    @hypothesis_settings(profile, max_examples)
+def _run_hypothesis(spec: Spec, profile: str, dtype: str, run_one, report: Report, max_examples=None,
+                    shrink: bool = True) -> None:
+    @hypothesis_settings(profile, max_examples, shrink)
     @given(spec.samples(profile, dtype))
     def prop(sample):
         ratio = run_one(sample, dtype)
