@@ -325,6 +325,12 @@ def _kernel_kwargs(dtype: torch.dtype, d: int) -> tuple[dict, dict]:
     return tiles, dots
 
 
+def _fp32_gamma(gamma: float) -> float:
+    """gamma as the kernels evaluate it, in fp32: below 1e-30 it is 0 and above 1e30 it is 1e30.
+    (1 - p)^gamma then differs from the exact power by less than the rounding of p itself."""
+    return 0.0 if gamma < 1e-30 else min(gamma, 1e30)
+
+
 @torch.library.custom_op("twinops::focal_infonce_loss_rows", mutates_args=())
 def _focal_infonce_rows(
     query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
@@ -340,7 +346,7 @@ def _focal_infonce_rows(
         query, query.stride(0), query.stride(1),
         positive, positive.stride(0), positive.stride(1),
         negatives, negatives.stride(0), negatives.stride(1),
-        loss, stats, b, h, d, 1.0 / temperature, gamma,
+        loss, stats, b, h, d, 1.0 / temperature, _fp32_gamma(gamma),
         DETACH=detach_weight, PRECISION=dots["PRECISION"], **tiles,
     )
     return loss, stats

@@ -40,7 +40,7 @@ def _reduction_length(sample: Sample) -> int:
     b, d = np.shape(sample.arrays["query"])
     n = b + np.shape(sample.arrays["negatives"])[0]
     big_l, big_k = _scales(sample)
-    return int(d * n * (1.0 + big_l) ** 2 * (1.0 + big_k) ** 2)
+    return int(min(d * n * (1.0 + big_l) ** 2 * (1.0 + big_k) ** 2, 1e18))  # an int numpy can take the sqrt of
 
 
 TOLERANCE = Tolerance(
