@@ -182,8 +182,9 @@ def _proto_backward_prototypes_kernel(
     for start_d in range(0, D, BLOCK_D):
         cols = start_d + tl.arange(0, BLOCK_D).to(tl.int64)
         col_ok = cols < D
+        ok = c_ok[:, None] & col_ok[None, :]
+        p = tl.load(p_ptr + cs[:, None] * stride_pw + cols[None, :] * stride_pd, mask=ok, other=0.0).to(tl.float32)
         acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-        h_sum = tl.zeros((ROWS,), dtype=tl.float32)
         for start_n in range(0, N, BLOCK_N):
             rows = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
             row_ok = rows < N
@@ -199,11 +200,8 @@ def _proto_backward_prototypes_kernel(
                  - tl.where(y[None, :] == cs[:, None], w_pos[None, :], 0.0))
             q = tl.load(q_ptr + rows[:, None] * stride_qn + cols[None, :] * stride_qd,
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(h[:, :, None] * q[None, :, :], axis=1)
-            h_sum += tl.sum(h, axis=1)
-        ok = c_ok[:, None] & col_ok[None, :]
-        p = tl.load(p_ptr + cs[:, None] * stride_pw + cols[None, :] * stride_pd, mask=ok, other=0.0).to(tl.float32)
-        out = acc - h_sum[:, None] * p  # sum_i h_ci (q_i - p_c)
+            acc += tl.sum(h[:, :, None] * (q[None, :, :] - p[:, None, :]), axis=1)  # sum_i h_ci (q_i - p_c)
+        out = acc
         tl.store(grad_p_ptr + cs[:, None] * stride_gpw + cols[None, :] * stride_gpd,
                  out.to(grad_p_ptr.dtype.element_ty), mask=ok)
 
@@ -586,8 +584,9 @@ def _icnn_backward_targets_kernel(
     for start_d in range(0, D, BLOCK_D):
         cols = start_d + tl.arange(0, BLOCK_D).to(tl.int64)
         d_ok = cols < D
+        t = tl.load(t_ptr + ls[:, None] * stride_tm + cols[None, :] * stride_td,
+                    mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-        h_sum = tl.zeros((ROWS,), dtype=tl.float32)
         for start_n in range(0, n, BLOCK_N):
             rows = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
             row_ok = rows < n
@@ -598,11 +597,10 @@ def _icnn_backward_targets_kernel(
             h_l = tl.sum(tl.where(idx[None, :, :] == ls[:, None, None], h[None, :, :], 0.0), axis=2)
             o = tl.load(o_ptr + rows[:, None] * stride_on + cols[None, :] * stride_od,
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(h_l[:, :, None] * o[None, :, :], axis=1)
-            h_sum += tl.sum(h_l, axis=1)
-        t = tl.load(t_ptr + ls[:, None] * stride_tm + cols[None, :] * stride_td,
-                    mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        out = -(acc - h_sum[:, None] * t)  # -sum_i h_il (o_i - t_l)
+            # the differences o_i - t_l themselves: h (o - t) summed, not h o - (sum h) t, which cancels
+            acc += tl.sum(tl.where(row_ok[None, :, None], h_l[:, :, None] * (o[None, :, :] - t[:, None, :]), 0.0),
+                          axis=1)
+        out = -acc  # -sum_i h_il (o_i - t_l)
         tl.store(grad_t_ptr + ls[:, None] * stride_gtm + cols[None, :] * stride_gtd,
                  out.to(grad_t_ptr.dtype.element_ty), mask=l_ok[:, None] & d_ok[None, :])
 

@@ -325,8 +325,22 @@ def _icnn_fd_skip(sample: Sample):
 
 
 def _icnn_length(sample: Sample) -> int:
-    n, d = np.shape(sample.arrays["origin"])
-    return max(1, n * d)
+    return max(1, int(np.shape(sample.arrays["origin"])[0]))
+
+
+ICNN_TOLERANCE = Tolerance(
+    rtol=TOLERANCE.rtol,
+    atol={"float64": 1e-12, "float32": 1e-5, "float16": 1e-5, "bfloat16": 1e-4},
+    atol_scales_with_row=True,
+    reasons=(
+        "atol grows with sqrt(n): the score sums one term per origin row.",
+        "fp32 atol 1e-5 (default 1e-6) relative to the row's largest gradient entry: the gradient "
+        "sums terms of size ~1/c_i^2 (c_i the nearest other-class distance) that cancel; on dense "
+        "draws (1-D points 0.01 apart) the fp32 result keeps ~1e-5 of its row's scale.",
+        "16-bit outputs also pass when no worse than 2x the eager PyTorch baseline + atol: results are "
+        "rounded to the input dtype.",
+    ),
+)
 
 
 def _icnn_bytes(arrays: dict, itemsize: int, direction: str) -> float:
@@ -382,7 +396,7 @@ ICNN = Spec(
     samples=_icnn_samples,
     examples=_icnn_examples,
     grad_inputs=("origin", "target"),
-    tolerance=TOLERANCE,
+    tolerance=ICNN_TOLERANCE,
     reduction_length=_icnn_length,
     fd_skip=_icnn_fd_skip,
     bad_inputs=(
