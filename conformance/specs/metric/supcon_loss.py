@@ -15,7 +15,7 @@ ACC = "twinops.accelerated.metric.supcon_loss"
 BASE = "twinops.conformance.baselines.metric.supcon_loss"
 
 REDUCTIONS = ("mean", "sum", "none")
-TEMPERATURES = (0.05, 0.07, 0.1, 0.5, 1.0)
+TEMPERATURES = (0.02, 0.05, 0.07, 0.1, 0.5, 1.0, 4.0)
 
 TOLERANCE = Tolerance(
     rtol={"float64": 1e-10, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1.6e-2},
@@ -67,8 +67,8 @@ def _samples(draw, profile: str, dtype: str):
     rng = seed(draw)
     n = draw(st.sampled_from(EMBED_BATCH[profile]))
     d = draw(st.sampled_from(EMBED_DIMS[profile]))
-    tau = draw(st.sampled_from(TEMPERATURES) | st.floats(0.05, 2.0))
-    tau_b = draw(st.sampled_from((0.07, tau, 1.0)) | st.floats(0.05, 2.0))
+    tau = draw(st.sampled_from(TEMPERATURES) | st.floats(0.02, 4.0))
+    tau_b = draw(st.sampled_from((0.07, tau, 1.0)) | st.floats(0.02, 4.0))
     scale = draw(st.sampled_from((None, None, 0.3, 1.0, 2.0)))  # None: unit rows
     if scale is None:
         z = embeddings(rng, n, d, normalize=True)
