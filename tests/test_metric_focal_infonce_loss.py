@@ -202,3 +202,23 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error(monkeypatch):
     q, p, n = _tensors(b=2, h=1, d=3)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         acc(q, p, n)
+
+
+def test_no_score_matrix_is_allocated():
+    """Every tensor torch creates for forward + backward is O(B + H) rows, never (B, B + H)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Sizes.largest = max(Sizes.largest, t.numel())
+            return out
+
+    q, p, n = _tensors(b=40, h=8, d=3, grad=True)
+    with Sizes():
+        acc(q, p, n).backward()
+    assert Sizes.largest <= (40 + 8) * 3 < 40 * 48
