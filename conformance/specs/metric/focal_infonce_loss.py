@@ -239,7 +239,8 @@ FOCAL_INFONCE = Spec(
     flops=_flops,
     properties=(
         "gamma = 0 equals torch cross-entropy over the concatenated logits (tested as an independent anchor)",
-        "extra memory O(B) forward; backward adds only fp32 gradient accumulators",
+        "forward + backward allocate no tensor of score-matrix size (B, B + H) (tested by recording every "
+        "allocation)",
     ),
     wrong_ports={
         "drops the hard negatives": _drops_hard_negatives,
