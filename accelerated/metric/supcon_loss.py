@@ -74,12 +74,11 @@ INTERPRETER_LAUNCH = TileLaunch(block_m=16, block_n=16, block_k=16, warps=1, sta
 def _layout(features: torch.Tensor, launch: TileLaunch) -> dict:
     """Launch arguments for (N, D) ``features``.
 
-    Resident (D <= ``resident_d``, D <= ``resident_d / 2`` for fp32, whose tiles are twice the
-    registers): a program loads its anchors' features once, as flash-attention
-    keeps Q, and each column tile z_J is loaded once and serves every dot that needs it (in the
-    backward both S = z_I z_J^T and H z_J); the backward's dz accumulator stays in registers.
-    Streamed (wider D): every logit tile walks D in BLOCK_K steps, and the backward accumulates into
-    an fp32 workspace, BLOCK_K columns at a time."""
+    Resident (D <= ``resident_d``; half that for fp32, whose tiles take twice the registers): a program
+    loads its anchors' features once, as flash-attention keeps Q, and each column tile z_J once, which
+    then serves every dot that needs it (in the backward both S = z_I z_J^T and H z_J); the
+    backward's dz accumulator stays in registers. Streamed (wider D): every logit tile walks D in
+    BLOCK_K steps, and the backward accumulates into an fp32 workspace, BLOCK_K columns at a time."""
     d = features.shape[1]
     resident = d * features.element_size() <= 2 * launch.resident_d
     return dict(
@@ -111,8 +110,8 @@ def _streamed_logit_tile(
     z_ptr, stride_zn, stride_zd, rows, cols, N, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The fp32 (BLOCK_M, BLOCK_N) tile z_rows . z_cols^T, D walked in BLOCK_K steps (times 1/tau
-    is left to the caller, as in the resident path)."""
+    """The fp32 (BLOCK_M, BLOCK_N) tile z_rows . z_cols^T, D walked in BLOCK_K steps (the caller
+    multiplies by 1/tau)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         a = _load_rows(z_ptr, stride_zn, stride_zd, rows, k0, N, D, BLOCK_K)
