@@ -222,3 +222,40 @@ def test_no_score_matrix_is_allocated():
     with Sizes():
         acc(q, p, n).backward()
     assert Sizes.largest <= (40 + 8) * 3 < 40 * 48
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or acc_mod.rt.interpreting(),
+                         reason="needs a CUDA device with compiled Triton kernels")
+
+
+@gpu
+def test_gpu_tf32_scores_stay_close():
+    """With torch.set_float32_matmul_precision("high") the score tiles use TF32 (10-bit mantissa)."""
+    q, p, n = (t.cuda().requires_grad_(True) for t in _tensors(b=200, h=70, d=300, seed=3))
+    qd, pd, nd = (t.detach().double() for t in (q, p, n))
+    want = ref(qd.cpu().numpy(), pd.cpu().numpy(), nd.cpu().numpy(), temperature=0.5, reduction="none")
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        got = acc(q, p, n, temperature=0.5, reduction="none")
+        got.sum().backward()
+    finally:
+        torch.set_float32_matmul_precision(old)
+    np.testing.assert_allclose(got.detach().cpu().double().numpy(), want, rtol=1e-2, atol=1e-2)
+    assert all(torch.isfinite(t.grad).all() for t in (q, p, n))
+
+
+@gpu
+def test_gpu_offsets_past_2_31():
+    """Query rows strided through a 2**31-element buffer: row offsets need 64-bit arithmetic."""
+    b, d = 64, 256
+    k = 2**31 // (b * d) + 1
+    buf = torch.zeros((k * b, d), device="cuda", dtype=torch.bfloat16)
+    q = buf[::k]
+    q.copy_(torch.randn(b, d, device="cuda", dtype=torch.bfloat16))
+    assert q.stride(0) * (b - 1) > 2**31
+    p = q.clone() + 0.1 * torch.randn_like(q)
+    got = acc(q, p, None, temperature=0.1, reduction="none")
+    torch.testing.assert_close(got.float(), acc(q.contiguous(), p, None, temperature=0.1, reduction="none").float())

@@ -175,3 +175,19 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error(monkeypatch):
     h, m = _tensors(b=2, t=3, d=4)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         acc(h, m)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or acc_mod.rt.interpreting(),
+                    reason="needs a CUDA device with compiled Triton kernels")
+def test_gpu_offsets_past_2_31():
+    """Sequences strided through a 2**31-element buffer: batch offsets need 64-bit arithmetic."""
+    b, t, d = 4, 16, 128
+    k = 2**31 // (b * t * d) + 1
+    buf = torch.zeros((k * b, t, d), device="cuda", dtype=torch.bfloat16)
+    h = buf[::k]
+    h.copy_(torch.randn(b, t, d, device="cuda", dtype=torch.bfloat16))
+    assert h.stride(0) * (b - 1) > 2**31
+    m = torch.ones(b, t, dtype=torch.long, device="cuda")
+    m[1, 5:] = 0
+    h.requires_grad_(False)
+    torch.testing.assert_close(acc(h, m).float(), acc(h.contiguous(), m).float())
