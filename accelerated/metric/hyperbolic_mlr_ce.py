@@ -508,8 +508,9 @@ def hyperbolic_mlr_ce(x, target, p, a, *, c=0.1, ignore_index=-100, reduction="m
 
 class HyperbolicMLRLoss(torch.nn.Module):
     """Hyperbolic MLR head with its cross-entropy: learnable class offsets ``p`` (kept in the ball by
-    construction, p = expmap0(p_free) without clipping) and normals ``a``, as hyptorch parametrises
-    them (``a = a_free (1 - c ||p||^2)``), both initialised like hyptorch (kaiming-uniform, a = sqrt(5)).
+    construction: p = `poincare_expmap0` (p_free) without clipping, projected onto radius
+    (1 - 1e-3)/sqrt(c)) and normals ``a``, as hyptorch parametrises them (``a = a_free (1 - c ||p||^2)``),
+    both initialised like hyptorch (kaiming-uniform, a = sqrt(5)).
     ``forward(x, target)`` returns `hyperbolic_mlr_ce` of ball points ``x``."""
 
     def __init__(self, dim: int, num_classes: int, *, c=0.1, ignore_index=-100, reduction="mean"):

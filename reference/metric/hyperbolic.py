@@ -258,20 +258,17 @@ def _pc_halves(z, c):
     if z.shape[0] % 2:
         raise ValueError(f"z must have an even number of rows B (row i is paired with row i + B/2), got B = {z.shape[0]}")
     h = z.shape[0] // 2
-    return z, z[:h], z[h:], check_curvature(c)
+    c = check_curvature(c)
+    _check_ball(z, "z", c)
+    return z, z[:h], z[h:], c
 
 
 def hyp_pc_loss(z, *, c=0.1):
     """Hyp-PC: sum of the Poincaré distances between rows i and i + B/2 of ``z`` (B, D), over B."""
     z, z1, z2, c = _pc_halves(z, c)
     if z.shape[0] == 0:
-        _check_ball(z, "z", c)
         return np.float64(0.0)
-    try:
-        d = poincare_distance(z1, z2, c=c)
-    except ValueError as exc:
-        raise ValueError(f"z: {exc}") from None
-    return np.float64(d.sum() / z.shape[0])
+    return np.float64(poincare_distance(z1, z2, c=c).sum() / z.shape[0])
 
 
 def hyp_pc_loss_grad(grad, z, *, c=0.1):
@@ -282,11 +279,7 @@ def hyp_pc_loss_grad(grad, z, *, c=0.1):
         raise ValueError(f"grad must be a scalar, got shape {g.shape}")
     if z.shape[0] == 0:
         return np.zeros_like(z)
-    try:
-        parts = _distance_parts(z1, z2, c)
-    except ValueError as exc:
-        raise ValueError(f"z: {exc}") from None
-    gx, gy = _distance_vjp(np.full(z1.shape[0], float(g) / z.shape[0]), *parts)
+    gx, gy = _distance_vjp(np.full(z1.shape[0], float(g) / z.shape[0]), *_distance_parts(z1, z2, c))
     return np.concatenate([gx, gy], axis=0)
 
 
