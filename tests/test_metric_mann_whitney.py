@@ -251,3 +251,47 @@ def test_accelerated_errors_name_the_argument():
         acc.MannWhitneyLoss(tau=-1.0)
     with pytest.raises(ValueError, match="normalization"):
         acc.mann_whitney_loss(pos, neg, normalization="eq3")
+
+
+# ------------------------------------------------------------------------------------ GPU lane
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
+                         reason="needs a CUDA device with compiled Triton kernels")
+
+
+@gpu
+def test_gpu_no_pair_tensor_at_the_benchmark_shape():
+    """256 x 64 x 4096: the (Q, P, N) fp32 pair tensor would take 256 MiB; ours needs a few MiB."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pos = torch.rand(256, 64, device="cuda", generator=g).requires_grad_(True)
+    neg = torch.rand(256, 4096, device="cuda", generator=g).requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = acc.mann_whitney_loss(pos, neg)
+    loss.backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 32 * 2**20
+    want = mann_whitney_loss(pos.detach().double().cpu().numpy(), neg.detach().double().cpu().numpy())
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+@gpu
+def test_gpu_offsets_past_2_pow_31():
+    """(2, 1.1e9) bf16 negatives: the second query's loss and gradient must come from its own row
+    (a wrapped 32-bit offset would read the first)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with at least 40 GiB")
+    n = 1_100_000_000
+    neg = torch.zeros(2, n, device="cuda", dtype=torch.bfloat16)
+    neg[1] = -4.0
+    neg[1, -3:] = torch.tensor([1.0, -1.0, 0.5], dtype=torch.bfloat16)
+    pos = torch.zeros(2, 1, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    neg.requires_grad_(True)
+    out = acc.mann_whitney_loss(pos, neg, tau=1.0, reduction="none")
+    assert out[0].item() == pytest.approx(math.log(2), rel=1e-2)
+    assert out[1].item() == pytest.approx(math.log1p(math.exp(-4.0)), rel=2e-2)
+    (gn,) = torch.autograd.grad(out[1], neg, torch.tensor(float(n), device="cuda", dtype=torch.bfloat16))
+    z = np.array([-1.0, 1.0, -0.5])  # the last three margins of query 1 (pos 0 minus neg)
+    assert not gn[0].any()
+    np.testing.assert_allclose(gn[1, -3:].float().cpu().numpy(), 1 / (1 + np.exp(z)), rtol=2e-2)
