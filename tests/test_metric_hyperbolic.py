@@ -283,3 +283,57 @@ def test_clear_errors():
         acc.poincare_expmap0(_t(x), clip_r=-1.0)
     with pytest.raises(ValueError, match="y"):
         acc.poincare_distance(_t(x), _t(x[:3]))
+
+
+# ------------------------------------------------------------------------------------ GPU only
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
+                          reason="needs a CUDA device (compiled kernels)")
+
+
+@cuda
+def test_mlr_extra_memory_is_linear_in_n():
+    """Forward and backward at 16384 x 1000 x 128 allocate less than one (N, K) fp32 matrix
+    (the logits eager PyTorch materialises, before its (N, K, D) Möbius sum)."""
+    n, k, d, c = 16384, 1000, 128, 0.1
+    rng = np.random.default_rng(0)
+    x = _t(ball_points(rng, n, d, c, 0.9)).cuda().requires_grad_()
+    p = _t(ball_points(rng, k, d, c, 0.5)).cuda().requires_grad_()
+    a = (torch.randn(k, d, device="cuda") / 11).requires_grad_()
+    t = torch.randint(0, k, (n,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = acc.hyperbolic_mlr_ce(x, t, p, a, c=c)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < n * k * 4 / 16
+    loss.backward()
+    torch.cuda.synchronize()
+    grads = 4 * (n * d + 2 * k * d)
+    assert torch.cuda.max_memory_allocated() - base < grads + 3 * n * d * 4  # gradients + O(N D) scratch
+    assert n * k * 4 > grads + 3 * n * d * 4
+
+
+@cuda
+def test_mlr_tf32_path_stays_close():
+    """torch.set_float32_matmul_precision('high') switches the products to TF32 (10-bit mantissa
+    inputs): the loss stays within ~1e-3 relative of the exact value at these scales."""
+    x, t, p, a = _mlr_inputs(n=300, k=130, d=200, c=0.1)
+    want = ref.hyperbolic_mlr_ce(x, t.numpy(), p, a, c=0.1)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        got = acc.hyperbolic_mlr_ce(_t(x).cuda(), t.cuda(), _t(p).cuda(), _t(a).cuda(), c=0.1)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    np.testing.assert_allclose(got.item(), want, rtol=2e-3)
+
+
+@cuda
+def test_expmap0_rows_past_2_pow_31_elements():
+    """64-bit offsets: the last rows of a (2^22 + 3) x 512 input (more than 2^31 elements)."""
+    n, d = (1 << 22) + 3, 512
+    x = torch.empty(n, d, device="cuda", dtype=torch.bfloat16).normal_()
+    y = acc.poincare_expmap0(x, c=0.1)
+    tail = x[-3:].double().cpu().numpy()
+    np.testing.assert_allclose(y[-3:].double().cpu().numpy(), ref.poincare_expmap0(tail, c=0.1), rtol=2e-2, atol=1e-3)

@@ -23,7 +23,8 @@ Both passes recompute the logits tile from the inputs. The row pass accumulates 
 fp32 buffer that each program owns for its rows (read-modify-write, no atomics). The column pass
 splits the rows into S ranges so that enough programs run; each (class tile, range) writes its own
 (K, D) partial sums and the S partials are added on the host (deterministic). Extra memory:
-O(N) statistics, the (N, D) fp32 buffer for dX, S (K, D) fp32 partials for dA and dP.
+O(N) statistics, the (N, D) fp32 buffer for dX, S (K, D) fp32 partials for dA and dP with
+S <= N / K (so O(N D) as well).
 """
 
 from __future__ import annotations
@@ -428,7 +429,9 @@ def _mlr_backward_classes(
     block_n, block_k = launch["BLOCK_N"], launch["BLOCK_K"]
     class_tiles = triton.cdiv(k, block_k)
     row_blocks = triton.cdiv(n, block_n)
-    splits = max(1, min(row_blocks, COLUMN_PROGRAMS // class_tiles))
+    # enough programs to fill the device, but never more partial (K, D) sums than N / K, so that
+    # they hold at most as many numbers as dL/dx (extra memory O(N D))
+    splits = max(1, min(row_blocks, COLUMN_PROGRAMS // class_tiles, n // k))
     rows_per_split = triton.cdiv(row_blocks, splits) * block_n
     splits = triton.cdiv(n, rows_per_split)  # every range holds at least one row
     ga = torch.empty((splits, k, d), device=x.device, dtype=torch.float32)
