@@ -5,7 +5,8 @@ Relative loss. The eager form broadcasts three (B, M, M) tensors; here one progr
 the M x M pairs in (BLOCK, BLOCK) tiles held in registers:
 
     forward, image b:   loss_b = sum_{i,j: t_i != t_j} phi(s_ij (p_j - p_i)),   count_b = #{i, j: t_i != t_j}
-    backward, rows i:   dp_i = 2 g_b sum_{j: t_j != t_i} s_ij sigma(x) sigma(-x) / (sigma(x) + eps),  x = s_ij (p_j - p_i)
+    backward, rows i:   dp_i = 2 g_b sum_{j: t_j != t_i} s_ij sigma(x) sigma(-x) / (sigma(x) + eps),
+                        x = s_ij (p_j - p_i)
 
 with phi(x) = -log(sigma(x) + eps) and s_ij = sign(t_j - t_i). Both orders of a pair give the same
 term, hence the factor 2 and no scatter: each row's gradient is a sum over its own pairs. Extra

@@ -543,7 +543,8 @@ def _icnn_backward_rows_kernel(
     g_delta = tl.where(in_k, g_u * scale, 0.0)
     g_c = -tl.sum(tl.where(in_k, g_u * u, 0.0), axis=1)[:, None] * scale  # through u_ij = delta_ij / (c_i + eps)
     g_delta += tl.where(has_c & (col[None, :] == c_rank), g_c, 0.0)
-    # Different-class part: lambda_dc = |Lambda + o|, Lambda = sum_i sum_j dd_ij / (G + eps) / (dcnt_i + eps) / (n_dc + eps).
+    # Different-class part: lambda_dc = |Lambda + o|,
+    # Lambda = sum_i sum_j dd_ij / (G + eps) / (dcnt_i + eps) / (n_dc + eps).
     g_lam = a * lam_sign
     den = big + 1e-7
     g_delta += tl.where(in_k & other, g_lam / (den * (dcnt + 1e-7) * (n_dc + 1e-7)), 0.0)

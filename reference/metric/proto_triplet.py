@@ -39,7 +39,8 @@ $$
 $$
 \lambda_{sc} = 1 - \frac{\sum_i \mu_i}{\#\{i : \sum_{j \le k} S_{ij} > 0\} + \epsilon}, \qquad
 \lambda_{dc} = \left| \frac{1}{\#\{i : \sum_{j \le k} \bar S_{ij} > 0\} + \epsilon}
-\sum_i \frac{\sum_{j \le k} \delta_{ij} \bar S_{ij} / (G + \epsilon)}{\sum_{j \le k} \bar S_{ij} + \epsilon} + o \right|,
+\sum_i \frac{\sum_{j \le k} \delta_{ij} \bar S_{ij} / (G + \epsilon)}{\sum_{j \le k} \bar S_{ij} + \epsilon}
++ o \right|,
 $$
 
 where $G = \max_{i, j \le k} \delta_{ij} \bar S_{ij}$ is a **global** maximum and $o = -1$ when no
@@ -295,7 +296,8 @@ def icnn_loss_grad(grad, origin, origin_labels, target=None, target_labels=None,
     g_c = -(g_u * P["u"]).sum(axis=1) * scale  # u_ij = delta_ij / (c_i + eps)
     g_dist[rows[has_c], P["c_pos"][has_c]] += g_c[has_c]
 
-    # Different-class part: lambda_dc = |Lambda + o|, Lambda = sum_i sum_j dd_ij / (G + eps) / (dcnt_i + eps) / (n_dc + eps).
+    # Different-class part: lambda_dc = |Lambda + o|,
+    # Lambda = sum_i sum_j dd_ij / (G + eps) / (dcnt_i + eps) / (n_dc + eps).
     g_lam = a * np.sign(P["big_lam"] + P["offset"])
     den = P["big"] + SCORE_EPS
     g_dist[:, :k] += g_lam * P["other_k"] / (den * (P["dcnt"][:, None] + SCORE_EPS) * (P["n_dc"] + SCORE_EPS))

@@ -30,7 +30,8 @@ def easy_to_hard_mask(pred, noise, *, epoch, total_epochs, mask_ratio=0.75):
     n_keep = int(length * (1 - mask_ratio))
     n_hard = max(int((length - n_keep) * (float((epoch + 1) / total_epochs) * 0.5)), 0)
     # Hardest first: pred descending, lower index first among equals (stable sort), NaN hardest.
-    hard_order = torch.sort(torch.nan_to_num(pred.float(), nan=float("inf")), dim=1, descending=True, stable=True).indices
+    hard_key = torch.nan_to_num(pred.float(), nan=float("inf"))
+    hard_order = torch.sort(hard_key, dim=1, descending=True, stable=True).indices
     hard_order = torch.gather(hard_order, 1, torch.sort(torch.isnan(torch.gather(pred, 1, hard_order)).to(torch.int8),
                                                         dim=1, descending=True, stable=True).indices)
     hard = torch.zeros(b, length, dtype=torch.bool, device=pred.device)

@@ -129,7 +129,8 @@ def _proto_examples():
     for a, b, c, margin, reduction, note in cases:
         finite = np.isfinite(a).all() and np.isfinite(c).all()
         grad = upstream_grad(rng, (len(b),) if reduction == "none" else ()) if finite else None
-        out.append(Sample({"queries": a, "query_labels": b, "prototypes": c}, {"margin": margin, "reduction": reduction},
+        out.append(Sample({"queries": a, "query_labels": b, "prototypes": c},
+                          {"margin": margin, "reduction": reduction},
                           ("queries", "prototypes"), grad_out=grad, note=note))
     return out
 
@@ -283,7 +284,8 @@ def _icnn_samples(draw, profile, dtype):
             break
     assume(clean)  # coarse dtypes (bf16) may need another draw
     layouts = {"origin": draw(st.sampled_from(LAYOUTS)), "target": draw(st.sampled_from(LAYOUTS))}
-    return Sample({"origin": o, "origin_labels": yo.astype(np.int64), "target": t, "target_labels": yt.astype(np.int64)},
+    arrays = {"origin": o, "origin_labels": yo.astype(np.int64), "target": t, "target_labels": yt.astype(np.int64)}
+    return Sample(arrays,
                   {"k": k, "ipc": ipc}, ("origin", "target"), layouts=layouts, grad_out=upstream_grad(rng, ()),
                   note=f"{mode}, {classes} classes, scale {scale:g}, spread {spread:g}")
 
