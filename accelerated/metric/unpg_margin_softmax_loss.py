@@ -19,12 +19,14 @@ Forward
   3. ``_class_forward_kernel``: per (row block, class split), online log-sum-exp over the class
      tiles with the margin applied to the target column in-tile (the target cosine and its margin
      are computed once per row block from the gathered rows W[y]); writes (m, l) per row and split
-     and the target logit. The host merges the splits and the shared term E:
-     loss_i = (m_i - z_iy) + log l_i.
-  Saved for the backward: (m_i, l_i) per row, the norms, and four scalars (lo, hi, M, Ẽ).
+     and the target logit; l sums the non-target columns only, so that 1 - p_y = l / (l + e^{z_y - m})
+     keeps its precision when p_y is close to 1 (as comp_sum_loss keeps m and l apart). The host
+     merges the splits and the shared term E into l: loss_i = log1p(l_i) when z_iy is the row max,
+     (m_i - z_iy) + log(l_i + e^{z_iy - m_i}) otherwise.
+  Saved for the backward: (m_i, l_i, z_iy) per row and four scalars (lo, hi, M, Ẽ).
 Backward (recomputes every tile)
   - ``_class_backward_rows_kernel``: per (row block, class split), dX̂_I += Gc Ŵ_J with
-    Gc_ij = g_i s (p_ij - [j = y_i]) (∂t/∂cos at the target) and p_ij = exp(z_ij - m_i) / l_i.
+    Gc_ij = g_i s (p_ij - [j = y_i]) (∂t/∂cos at the target) and p_ij = exp(z_ij - m_i) / (l_i + e^{z_iy - m_i}).
   - ``_class_backward_cols_kernel``: per class block, dŴ_J = Σ_I Gcᵀ X̂_I, projected through the
     normalisation in-kernel and written as dW.
   - ``_pair_backward_kernel``: per row block, dX̂_I += G X̂ over the kept pairs on both sides,
@@ -72,8 +74,8 @@ def _row_block(ptr, stride_row, stride_col, norm_ptr, rows, n_rows, D, eps, BLOC
 @triton.jit
 def _target(x, rx, x_unit, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
             ARCFACE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per row of a block: the margin target t(c) of the target cosine c = x̂_i · ŵ_{y_i}, and dt/dc.
-    ``x_unit``: the rows whose norm exceeds eps (x̂ is a unit vector).
+    """Per row of a block: the margin target t(c) of the target cosine c = x̂_i · ŵ_{y_i}, dt/dc, and
+    the fp32 rows ŵ_{y_i} (0 for labels out of range). ``x_unit``: the rows whose norm exceeds eps.
 
     ArcFace: cos(arccos(c') + m) = c' cos m - sin θ sin m with c' = c clamped to ±(1 - 2^-20);
     dt/dc = cos m + sin m · c / sin θ strictly inside the clamp, 0 at or beyond it. CosFace: t = c - m,
@@ -99,7 +101,7 @@ def _target(x, rx, x_unit, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps,
     else:
         t = c - margin
         slope = tl.full(c.shape, 1.0, tl.float32)
-    return t, tl.where(c != c, float("nan"), slope)
+    return t, tl.where(c != c, float("nan"), slope), tl.where(valid[:, None], wh, 0.0)
 
 
 # ------------------------------------------------------------------------------------- pair filter
@@ -187,7 +189,7 @@ def _class_forward_kernel(
     y_ptr, stride_y,                  # (B,) integer labels
     w_ptr, stride_wc, stride_wd,      # (C, D) class centres
     wnorm_ptr,                        # (C,) fp32 row norms
-    part_ptr,                         # out (2, splits, B) fp32: running max m and sum l of each split
+    part_ptr,                         # out (2, splits, B) fp32: per split, max m over all columns and sum l of exp(z - m) over the non-target ones
     zy_ptr,                           # out (B,) fp32: target logit s t_i (written by split 0)
     B, C, D, classes_per_split, eps, scale, cos_m, sin_m, margin,
     ARCFACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -200,7 +202,7 @@ def _class_forward_kernel(
     x, rx = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows, B, D, eps, BLOCK_D)
     y = tl.load(y_ptr + rows * stride_y, mask=rows < B, other=-1).to(tl.int64)
     x_unit = tl.load(xnorm_ptr + rows, mask=rows < B, other=0.0) > eps
-    t, _ = _target(x, rx, x_unit, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
+    t, _, _ = _target(x, rx, x_unit, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
                    ARCFACE, BLOCK_D)
     c_begin = split * classes_per_split
     c_end = tl.minimum(c_begin + classes_per_split, C)
@@ -210,10 +212,13 @@ def _class_forward_kernel(
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         w, rw = _row_block(w_ptr, stride_wc, stride_wd, wnorm_ptr, cols, c_end, D, eps, BLOCK_D)
         cos = tl.dot(x, tl.trans(w), input_precision=PRECISION) * rx[:, None] * rw[None, :]
-        z = scale * tl.where(cols[None, :] == y[:, None], t[:, None], cos)  # margin on the target column
+        is_target = cols[None, :] == y[:, None]
+        z = scale * tl.where(is_target, t[:, None], cos)  # margin on the target column
         z = tl.where((cols < c_end)[None, :], z, -float("inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        # l sums the other columns only: 1 - p_y = l / (l + exp(z_y - m)) then keeps its relative
+        # precision when p_y is close to 1 (a well-classified row).
+        l = l * tl.exp(m - m_new) + tl.sum(tl.where(is_target, 0.0, tl.exp(z - m_new[:, None])), axis=1)
         m = m_new
     tl.store(part_ptr + split * B + rows, m, mask=rows < B)
     tl.store(part_ptr + (splits + split) * B + rows, l, mask=rows < B)
@@ -224,7 +229,7 @@ def _class_forward_kernel(
 def _class_backward_rows_kernel(
     x_ptr, stride_xb, stride_xd, xnorm_ptr, y_ptr, stride_y,  # as in the forward
     w_ptr, stride_wc, stride_wd, wnorm_ptr,
-    stats_ptr,                        # (B, 2) fp32 from the forward: m_i, l_i (lse_i = m_i + log l_i)
+    stats_ptr,                        # (B, 3) fp32 from the forward: m_i, l_i (non-target sum incl. E), z_iy
     g_ptr, stride_g,                  # (B,) fp32 upstream gradient of the row losses
     dxh_ptr,                          # out (splits + 1, B, D) fp32 contiguous: slab `split` gets Σ_J Gc Ŵ_J
     B, C, D, classes_per_split, eps, scale, cos_m, sin_m, margin,
@@ -237,14 +242,19 @@ def _class_backward_rows_kernel(
     x, rx = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows, B, D, eps, BLOCK_D)
     y = tl.load(y_ptr + rows * stride_y, mask=rows < B, other=-1).to(tl.int64)
     x_unit = tl.load(xnorm_ptr + rows, mask=rows < B, other=0.0) > eps
-    t, slope = _target(x, rx, x_unit, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
-                       ARCFACE, BLOCK_D)
-    m = tl.load(stats_ptr + rows * 2, mask=rows < B, other=0.0)
-    l = tl.load(stats_ptr + rows * 2 + 1, mask=rows < B, other=1.0)
+    t, slope, w_y = _target(x, rx, x_unit, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m,
+                            margin, ARCFACE, BLOCK_D)
+    m = tl.load(stats_ptr + rows * 3, mask=rows < B, other=0.0)
+    l_other = tl.load(stats_ptr + rows * 3 + 1, mask=rows < B, other=1.0)
+    l = l_other + tl.exp(scale * t - m)  # lse_i = m_i + log l
     g = tl.load(g_ptr + rows * stride_g, mask=rows < B, other=0.0) * scale
     c_begin = split * classes_per_split
     c_end = tl.minimum(c_begin + classes_per_split, C)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    # The target column's term Gc_iy ŵ_y is added here in fp32 (by split 0) and left out of the tile
+    # products: ŵ_y is nearly parallel to x̂_i for a well-trained embedding, and the normalisation's
+    # projection later cancels most of it, which a 16-bit (or TF32) operand could not survive.
+    g_target = -g * (l_other / l) * slope  # g s (p_y - 1) dt/dc
+    acc = tl.where(split == 0, g_target[:, None] * w_y, 0.0)
     for c0 in range(c_begin, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         w, rw = _row_block(w_ptr, stride_wc, stride_wd, wnorm_ptr, cols, c_end, D, eps, BLOCK_D)
@@ -254,7 +264,7 @@ def _class_backward_rows_kernel(
         z = tl.where((cols < c_end)[None, :], z, -float("inf"))
         p = tl.exp(z - m[:, None]) / l[:, None]
         # Gc = dLoss/dcos: g s (p - [j = y]), times dt/dc on the target column.
-        gc = g[:, None] * tl.where(is_target, (p - 1.0) * slope[:, None], p)
+        gc = tl.where(is_target, 0.0, g[:, None] * p)  # the target column is in acc already
         w_hat = (w.to(tl.float32) * rw[:, None]).to(w.dtype)  # unit rows: O(1) operands in 16-bit too
         acc = tl.dot(gc.to(w.dtype), w_hat, acc, input_precision=PRECISION)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -281,19 +291,24 @@ def _class_backward_cols_kernel(
         x, rx = _row_block(x_ptr, stride_xb, stride_xd, xnorm_ptr, rows, B, D, eps, BLOCK_D)
         y = tl.load(y_ptr + rows * stride_y, mask=rows < B, other=-1).to(tl.int64)
         x_unit = tl.load(xnorm_ptr + rows, mask=rows < B, other=0.0) > eps
-        t, slope = _target(x, rx, x_unit, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m, margin,
-                           ARCFACE, BLOCK_D)
-        m = tl.load(stats_ptr + rows * 2, mask=rows < B, other=0.0)
-        l = tl.load(stats_ptr + rows * 2 + 1, mask=rows < B, other=1.0)
+        t, slope, _ = _target(x, rx, x_unit, y, w_ptr, stride_wc, stride_wd, wnorm_ptr, C, D, eps, cos_m, sin_m,
+                              margin, ARCFACE, BLOCK_D)
+        m = tl.load(stats_ptr + rows * 3, mask=rows < B, other=0.0)
+        l_other = tl.load(stats_ptr + rows * 3 + 1, mask=rows < B, other=1.0)
+        l = l_other + tl.exp(scale * t - m)
         g = tl.load(g_ptr + rows * stride_g, mask=rows < B, other=0.0) * scale
         cos = tl.dot(x, tl.trans(w), input_precision=PRECISION) * rx[:, None] * rw[None, :]
         is_target = cols[None, :] == y[:, None]
         z = scale * tl.where(is_target, t[:, None], cos)
         z = tl.where((cols < C)[None, :], z, -float("inf"))
         p = tl.exp(z - m[:, None]) / l[:, None]
-        gc = g[:, None] * tl.where(is_target, (p - 1.0) * slope[:, None], p)
-        x_hat = (x.to(tl.float32) * rx[:, None]).to(x.dtype)
-        acc = tl.dot(tl.trans(gc.to(x.dtype)), x_hat, acc, input_precision=PRECISION)
+        gc = tl.where(is_target, 0.0, g[:, None] * p)
+        x_hat = x.to(tl.float32) * rx[:, None]
+        acc = tl.dot(tl.trans(gc.to(x.dtype)), x_hat.to(x.dtype), acc, input_precision=PRECISION)
+        # Target columns in this tile (rare for large C): Gc_iy x̂_i in exact fp32, as in the row pass.
+        if tl.sum(is_target.to(tl.int32)) > 0:
+            g_target = tl.where(is_target, (-g * (l_other / l) * slope)[:, None], 0.0)
+            acc = tl.dot(tl.trans(g_target), x_hat, acc, input_precision="ieee")
     # Backward of w / max(||w||, eps): (dŴ - ŵ (ŵ · dŴ)) / ||w|| above eps, dŴ / eps at or below it.
     wn = tl.load(wnorm_ptr + cols, mask=cols < C, other=1.0)
     w_hat = w.to(tl.float32) * rw[:, None]
@@ -460,17 +475,19 @@ def _unpg_rows(
     l_rows = (part[1] * torch.exp(part[0] - m_rows)).sum(dim=0)
     shift_e, e_tilde = pair[2], pair[3]
     m_fin = torch.where(e_tilde > 0, torch.maximum(m_rows, shift_e), m_rows)
-    l_fin = l_rows * torch.exp(m_rows - m_fin) + torch.where(e_tilde == 0, 0.0, e_tilde * torch.exp(shift_e - m_fin))
+    # l: every column but the target, plus E, all relative to m; loss = log((l + exp(z_y - m)) / exp(z_y - m)).
+    l_other = l_rows * torch.exp(m_rows - m_fin) + torch.where(e_tilde == 0, 0.0, e_tilde * torch.exp(shift_e - m_fin))
+    loss = torch.where(zy >= m_fin, torch.log1p(l_other), (m_fin - zy) + torch.log(l_other + torch.exp(zy - m_fin)))
     valid = (y >= 0) & (y < c)
-    loss = torch.where(valid, (m_fin - zy) + torch.log(l_fin), math.nan)
-    return loss, torch.stack((m_fin, l_fin), dim=1), pair
+    loss = torch.where(valid, loss, math.nan)
+    return loss, torch.stack((m_fin, l_other, zy), dim=1), pair
 
 
 @_unpg_rows.register_fake
 def _(embeddings, labels, weight, margin_type, scale, margin, whisker, eps):
     b = embeddings.shape[0]
     f32 = dict(dtype=torch.float32)
-    return embeddings.new_empty(b, **f32), embeddings.new_empty((b, 2), **f32), embeddings.new_empty(4, **f32)
+    return embeddings.new_empty(b, **f32), embeddings.new_empty((b, 3), **f32), embeddings.new_empty(4, **f32)
 
 
 @torch.library.custom_op("twinops::unpg_margin_softmax_loss_rows_backward", mutates_args=())
@@ -500,7 +517,7 @@ def _unpg_rows_backward(
             BLOCK_M=cfg["BLOCK_MB"], BLOCK_N=cfg["BLOCK_N"], **common,
         )
         if b > 1:
-            m_fin, l_fin = stats[:, 0], stats[:, 1]
+            m_fin, l_fin = stats[:, 0], stats[:, 1] + torch.exp(stats[:, 2] - stats[:, 0])
             shift_e, e_tilde = pair[2], pair[3]
             coef = scale * (grad_loss.float() * torch.exp(shift_e - m_fin) / l_fin).sum()
             coef = torch.where(e_tilde == 0, 0.0, coef).reshape(1)

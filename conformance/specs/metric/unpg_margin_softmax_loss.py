@@ -211,9 +211,9 @@ def _eager_variant(pairs: str):
     return wrap
 
 
-def _margin_on_every_column(fn):
-    """The margin applied to the target only through the labels, but the labels read as one class:
-    every row's target becomes class 0 (a port that mixes up the label and class axes)."""
+def _every_target_class_zero(fn):
+    """Labels dropped on the way to the kernel: every row's target column (and so its margin) is
+    class 0, and every pair counts as a positive."""
     import torch
 
     def port(**kw):
@@ -251,7 +251,7 @@ UNPG = Spec(
         "no in-batch negatives (plain ArcFace/CosFace)": _eager_variant("none"),
         "no whisker filter": _eager_variant("all"),
         "positive pairs counted as negatives": _eager_variant("any label"),
-        "labels ignored (every target is class 0)": _margin_on_every_column,
+        "labels ignored (every target is class 0)": _every_target_class_zero,
     },
 )
 
