@@ -112,3 +112,41 @@ def test_accelerated_errors_name_the_argument():
         acc.hpm_relative_loss(p, p, eps=-1.0)
     with pytest.raises(TypeError, match="pred"):
         acc.hpm_relative_loss(p.long(), p)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or acc.rt.interpreting(),
+                         reason="needs a CUDA device with compiled Triton kernels")
+
+
+@gpu
+def test_gpu_relative_loss_at_the_benchmark_shape_allocates_no_pair_tensor():
+    """B = 2048 images of M = 147 masked patches: the eager form holds several (B, M, M) tensors
+    (177 MB each in fp32); the kernels hold two numbers per image and the gradient."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    p = torch.randn(2048, 147, device="cuda", generator=g, requires_grad=True)
+    t = torch.rand(2048, 147, device="cuda", generator=g)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = acc.hpm_relative_loss(p, t)
+    (grad,) = torch.autograd.grad(loss, p)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 4 * p.numel() * 4, extra  # the gradient and small per-image buffers, no B x M x M
+    sub = slice(0, 16)
+    want = hpm_relative_loss_grad(np.array(1.0), p[sub].detach().double().cpu().numpy(), t[sub].double().cpu().numpy(),
+                                  reduction="sum")
+    got = torch.autograd.grad(acc.hpm_relative_loss(p[sub], t[sub], reduction="sum"), p)[0][sub]
+    np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+@gpu
+def test_gpu_mask_at_the_benchmark_shape_matches_the_reference():
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(4096, 196, device="cuda", generator=g)
+    u = torch.rand(4096, 196, device="cuda", generator=g)
+    got = acc.easy_to_hard_mask(q, u, epoch=399, total_epochs=800).cpu().numpy()
+    want = easy_to_hard_mask(q[:64].double().cpu().numpy(), u[:64].double().cpu().numpy(), epoch=399,
+                             total_epochs=800)
+    np.testing.assert_array_equal(got[:64], want)
+    assert (got.sum(axis=1) == 196 - 49).all()
