@@ -65,9 +65,14 @@ def mean_over_all_rows(fn: Callable) -> Callable:
     return port
 
 
-def generic(differentiable: bool) -> dict[str, Callable[[Callable], Callable]]:
-    """The wrong ports every technique must catch."""
-    out = {"off by 1e-3": off_by(1e-3)}
-    if differentiable:
+def generic(spec) -> dict[str, Callable[[Callable], Callable]]:
+    """The wrong ports every technique must catch: the first output off by 1e-3 (when it is a float
+    output; a mask or index output gets its own wrong ports in the spec) and, when the technique is
+    trained through, the gradient 1% too large."""
+    first = spec.output_dtypes[0] if spec.output_dtypes else "input"
+    out = {}
+    if first == "input" or first.startswith(("float", "bfloat")):
+        out["off by 1e-3"] = off_by(1e-3)
+    if spec.grad_inputs:
         out["gradient 1% too large"] = gradient_scaled(1.01)
     return out

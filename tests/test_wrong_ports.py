@@ -10,12 +10,12 @@ from twinops.conformance import check_port, registry, wrong_ports
 CASES = [
     (spec.name, bug)
     for spec in registry.all_specs()
-    for bug in {**wrong_ports.generic(bool(spec.grad_inputs)), **spec.wrong_ports}
+    for bug in {**wrong_ports.generic(spec), **spec.wrong_ports}
 ]
 
 
 def _port(spec, bug):
-    ports = {**wrong_ports.generic(bool(spec.grad_inputs)), **spec.wrong_ports}
+    ports = {**wrong_ports.generic(spec), **spec.wrong_ports}
     return ports[bug](spec.accelerated_fn())
 
 
