@@ -49,10 +49,11 @@ def cmd_list(args) -> int:
         return 0
     cols = ("reference", "accelerated_fwd", "accelerated_bwd", "spec", "baseline", "docs", "benchmark")
     heads = ("reference", "fwd kernel", "bwd kernel", "spec", "baseline", "docs", "benchmark")
-    print(f"{'technique':22s} {'paper':>5s}  {'family':15s} " + " ".join(f"{h:>10s}" for h in heads))
+    width = max([len("technique")] + [len(r["technique"]) for r in rows])
+    print(f"{'technique':{width}s} {'paper':>5s}  {'family':15s} " + " ".join(f"{h:>10s}" for h in heads))
     for r in rows:
         marks = " ".join(f"{('yes' if r[c] else 'no'):>10s}" for c in cols)
-        print(f"{r['technique']:22s} {'P' + str(r['paper']):>5s}  {r['family']:15s} {marks}")
+        print(f"{r['technique']:{width}s} {'P' + str(r['paper']):>5s}  {r['family']:15s} {marks}")
     return 0
 
 
