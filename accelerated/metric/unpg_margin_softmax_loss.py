@@ -149,7 +149,8 @@ def _pair_histogram_kernel(
 def _pair_sumexp_kernel(
     x_ptr, stride_xb, stride_xd, xnorm_ptr, y_ptr, stride_y,  # as in _pair_histogram_kernel
     bounds_ptr,                       # (2,) fp32: lo = Q1 - w IQR, hi = Q3 + w IQR
-    out_ptr,                          # out (2, B) fp32: per row p, max and sum of exp(s n - max) over its kept pairs p < q
+    out_ptr,                          # out (2, B) fp32: per row p, the max of s n and the sum of
+                                      # exp(s n - max) over its kept pairs p < q
     B, D, eps, scale,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -189,7 +190,8 @@ def _class_forward_kernel(
     y_ptr, stride_y,                  # (B,) integer labels
     w_ptr, stride_wc, stride_wd,      # (C, D) class centres
     wnorm_ptr,                        # (C,) fp32 row norms
-    part_ptr,                         # out (2, splits, B) fp32: per split, max m over all columns and sum l of exp(z - m) over the non-target ones
+    part_ptr,                         # out (2, splits, B) fp32: per split, the max m over all columns
+                                      # and the sum l of exp(z - m) over the non-target ones
     zy_ptr,                           # out (B,) fp32: target logit s t_i (written by split 0)
     B, C, D, classes_per_split, eps, scale, cos_m, sin_m, margin,
     ARCFACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -263,8 +265,7 @@ def _class_backward_rows_kernel(
         z = scale * tl.where(is_target, t[:, None], cos)
         z = tl.where((cols < c_end)[None, :], z, -float("inf"))
         p = tl.exp(z - m[:, None]) / l[:, None]
-        # Gc = dLoss/dcos: g s (p - [j = y]), times dt/dc on the target column.
-        gc = tl.where(is_target, 0.0, g[:, None] * p)  # the target column is in acc already
+        gc = tl.where(is_target, 0.0, g[:, None] * p)  # Gc = dLoss/dcos = g s p off the target column
         w_hat = (w.to(tl.float32) * rw[:, None]).to(w.dtype)  # unit rows: O(1) operands in 16-bit too
         acc = tl.dot(gc.to(w.dtype), w_hat, acc, input_precision=PRECISION)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
