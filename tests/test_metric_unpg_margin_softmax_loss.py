@@ -2,6 +2,7 @@
 logits, torch's cross-entropy, the eager transcription of the authors' code), the filter rule at
 exact boundary values, and the accelerated path's behaviour beyond numerical agreement."""
 
+import importlib
 import math
 
 import numpy as np
@@ -9,13 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import twinops.accelerated.metric.unpg_margin_softmax_loss as acc_mod
 from twinops.accelerated.metric.unpg_margin_softmax_loss import UNPGMarginSoftmaxLoss
 from twinops.accelerated.metric.unpg_margin_softmax_loss import unpg_margin_softmax_loss as acc
 from twinops.conformance.baselines.metric.unpg_margin_softmax_loss import unpg_margin_softmax_loss as eager
-from twinops.reference.metric import unpg_margin_softmax_loss as ref_mod
 from twinops.reference.metric.unpg_margin_softmax_loss import unpg_margin_softmax_loss as ref
 from twinops.reference.metric.unpg_margin_softmax_loss import unpg_margin_softmax_loss_grad as ref_grad
+
+# The modules themselves (the package namespaces export functions of the same name).
+acc_mod = importlib.import_module("twinops.accelerated.metric.unpg_margin_softmax_loss")
+ref_mod = importlib.import_module("twinops.reference.metric.unpg_margin_softmax_loss")
 
 
 def _data(b=7, d=5, c=4, ids=3, seed=0):

@@ -304,12 +304,12 @@ def _class_backward_cols_kernel(
         z = tl.where((cols < C)[None, :], z, -float("inf"))
         p = tl.exp(z - m[:, None]) / l[:, None]
         gc = tl.where(is_target, 0.0, g[:, None] * p)
-        x_hat = x.to(tl.float32) * rx[:, None]
-        acc = tl.dot(tl.trans(gc.to(x.dtype)), x_hat.to(x.dtype), acc, input_precision=PRECISION)
+        x_hat = (x.to(tl.float32) * rx[:, None]).to(x.dtype)
+        acc = tl.dot(tl.trans(gc.to(x.dtype)), x_hat, acc, input_precision=PRECISION)
         # Target columns in this tile (rare for large C): Gc_iy x̂_i in exact fp32, as in the row pass.
         if tl.sum(is_target.to(tl.int32)) > 0:
             g_target = tl.where(is_target, (-g * (l_other / l) * slope)[:, None], 0.0)
-            acc = tl.dot(tl.trans(g_target), x_hat, acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(g_target), x.to(tl.float32) * rx[:, None], acc, input_precision="ieee")
     # Backward of w / max(||w||, eps): (dŴ - ŵ (ŵ · dŴ)) / ||w|| above eps, dŴ / eps at or below it.
     wn = tl.load(wnorm_ptr + cols, mask=cols < C, other=1.0)
     w_hat = w.to(tl.float32) * rw[:, None]
