@@ -1,7 +1,7 @@
 r"""UNPG: margin-softmax face-recognition loss with filtered in-batch negative pairs.
 
 Paper P50 — *Unified Negative Pair Generation toward Well-discriminative Feature Space for Face
-Recognition* (Jung, Lee, Oh, Park, Park, Son, BMVC 2022).
+Recognition* (Jung, Lee, Oh, Park, Park, Son, arXiv 2203.11593, 2022).
 
 Embeddings $X \in \mathbb{R}^{B \times D}$, labels $y \in \{0, \dots, C-1\}^B$ and class centres
 (the classifier weight) $W \in \mathbb{R}^{C \times D}$ are normalised row-wise,
