@@ -89,7 +89,8 @@ def compare(
     allowed = atol * atol_scale * np.sqrt(max(reduction_length, 1)) + rtol * np.abs(np.where(finite, ref, 0.0))
     if baseline is not None and dtype in ("float16", "bfloat16"):
         base = np.asarray(baseline, dtype=np.float64)
-        base_err = np.where(finite & np.isfinite(base), np.abs(base - ref), 0.0)
+        usable = finite & np.isfinite(base)
+        base_err = np.where(usable, np.abs(np.where(usable, base, 0.0) - np.where(usable, ref, 0.0)), 0.0)
         allowed = np.maximum(allowed, tolerance.baseline_factor * base_err + atol)
     ratio = err / allowed
     flat = int(np.argmax(ratio))

@@ -2,6 +2,7 @@
 example, SimCLR's NT-Xent as a cross-entropy, identities), and the accelerated path's behaviour
 beyond numerical agreement (which tests/test_conformance.py checks)."""
 
+import importlib
 import dataclasses
 import math
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import twinops.accelerated.metric.supcon_loss as acc_module
+acc_module = importlib.import_module("twinops.accelerated.metric.supcon_loss")  # the package exports a function of the same name
 from twinops.accelerated.metric.supcon_loss import SupConLoss
 from twinops.accelerated.metric.supcon_loss import supcon_loss as acc_supcon
 from twinops.reference.metric.supcon_loss import supcon_loss, supcon_loss_grad
