@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ...reference._checks import check_real
 from .. import _runtime as rt
-from ._rowwise import expm1, load_label, row_max_sumexp
+from .._triton_math import expm1
+from ._rowwise import load_label, row_max_sumexp
 
 __all__ = ["comp_sum_loss", "CompSumLoss"]
 

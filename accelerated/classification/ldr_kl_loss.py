@@ -43,7 +43,8 @@ import triton.language as tl
 
 from ...reference._checks import check_real
 from .. import _runtime as rt
-from ._rowwise import expm1, load_label, log1p, row_max_sumexp
+from .._triton_math import expm1, log1p
+from ._rowwise import load_label, row_max_sumexp
 
 __all__ = ["ldr_kl_loss", "aldr_kl_loss", "LDRKLLoss", "ALDRKLLoss"]
 

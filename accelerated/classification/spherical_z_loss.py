@@ -30,7 +30,8 @@ import triton.language as tl
 
 from ...reference._checks import check_real
 from .. import _runtime as rt
-from ._rowwise import load_label, log1p
+from .._triton_math import log1p
+from ._rowwise import load_label
 
 __all__ = ["spherical_z_loss", "SphericalZLoss"]
 

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from ...reference._checks import check_bool, check_real
 from .. import _runtime as rt
+from .._triton_math import expm1, log1p
 
 __all__ = ["focal_infonce_loss", "FocalInfoNCELoss"]
 
@@ -50,28 +51,6 @@ def _tiles() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-@triton.jit
-def _expm1(x):
-    """exp(x) - 1 without cancellation: a degree-9 Taylor polynomial for |x| < 0.5, exp(x) - 1 elsewhere."""
-    p = 1.0 / 362880.0
-    p = p * x + 1.0 / 40320.0
-    p = p * x + 1.0 / 5040.0
-    p = p * x + 1.0 / 720.0
-    p = p * x + 1.0 / 120.0
-    p = p * x + 1.0 / 24.0
-    p = p * x + 1.0 / 6.0
-    p = p * x + 0.5
-    p = p * x + 1.0
-    return tl.where(tl.abs(x) < 0.5, p * x, tl.exp(x) - 1.0)
-
-
-@triton.jit
-def _log1p(t):
-    """log(1 + t) for t > -1 (Goldberg): log(u) * t / (u - 1) with u = 1 + t rounded."""
-    u = 1.0 + t
-    return tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))
 
 
 @triton.jit
@@ -153,15 +132,15 @@ def _focal_infonce_forward_kernel(
 
     # u = -log p = lse - S_ii = (m - S_ii) + log(exp(S_ii - m) + s_off); log1p/expm1 keep p ~ 1 exact.
     t = diag - m
-    u = -t + _log1p(_expm1(t) + s_off)
+    u = -t + log1p(expm1(t) + s_off)
     u = tl.maximum(u, 0.0)
-    one_minus_p = -_expm1(-u)
+    one_minus_p = -expm1(-u)
     weight = tl.where(gamma == 0.0, 1.0, tl.exp(gamma * tl.log(one_minus_p)))  # (1 - p)^gamma, 0^0 = 1
     loss = weight * u
     if DETACH:
         coef = weight
     else:
-        ratio = tl.where(u == 0.0, 1.0, u / _expm1(u))  # u / (e^u - 1) = p (-log p) / (1 - p); 0 once e^u overflows
+        ratio = tl.where(u == 0.0, 1.0, u / expm1(u))  # u / (e^u - 1) = p (-log p) / (1 - p); 0 once e^u overflows
         coef = weight * (1.0 + gamma * ratio)
     invalid = bad > 0
     tl.store(loss_ptr + rows, tl.where(invalid, float("nan"), loss), mask=row_mask)

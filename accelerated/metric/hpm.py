@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ...reference._checks import check_int, check_real
 from .. import _runtime as rt
-from ..classification._rowwise import log1p
+from .._triton_math import log1p
 
 __all__ = ["hpm_relative_loss", "HPMRelativeLoss", "easy_to_hard_mask"]
 

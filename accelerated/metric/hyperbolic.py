@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ...reference._checks import check_real
 from .. import _runtime as rt
-from ..classification._rowwise import expm1, log1p
+from .._triton_math import expm1, log1p
 from .hyperbolic_mlr_ce import HyperbolicMLRLoss, hyperbolic_mlr_ce  # noqa: F401  (re-exported)
 
 __all__ = ["poincare_expmap0", "poincare_distance", "hyp_pc_loss", "hyperbolic_mlr_ce",
