@@ -227,8 +227,7 @@ def test_no_score_matrix_is_allocated():
 
 # ---------------------------------------------------------------------------------------------- GPU only
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or acc_mod.rt.interpreting(),
-                         reason="needs a CUDA device with compiled Triton kernels")
+gpu = pytest.mark.gpu  # needs CUDA with compiled kernels (skipped otherwise, see conftest.py)
 
 
 @gpu

@@ -114,8 +114,7 @@ def test_accelerated_errors_name_the_argument():
         acc.hpm_relative_loss(p.long(), p)
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or acc.rt.interpreting(),
-                         reason="needs a CUDA device with compiled Triton kernels")
+gpu = pytest.mark.gpu  # needs CUDA with compiled kernels (skipped otherwise, see conftest.py)
 
 
 @gpu

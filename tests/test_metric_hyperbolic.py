@@ -288,8 +288,7 @@ def test_clear_errors():
 
 # ------------------------------------------------------------------------------------ GPU only
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
-                          reason="needs a CUDA device (compiled kernels)")
+cuda = pytest.mark.gpu  # needs CUDA with compiled kernels (skipped otherwise, see conftest.py)
 
 
 @cuda

@@ -268,8 +268,7 @@ def test_clear_errors_name_the_argument(call, match):
 
 # ------------------------------------------------------------------------------------ GPU lane only
 
-on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or acc_mod.rt.interpreting(),
-                            reason="compiled kernels need a CUDA GPU (the interpreter cannot run bf16 dots)")
+on_gpu = pytest.mark.gpu  # needs CUDA with compiled kernels (skipped otherwise, see conftest.py)
 
 
 @on_gpu

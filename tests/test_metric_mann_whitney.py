@@ -255,8 +255,7 @@ def test_accelerated_errors_name_the_argument():
 
 # ------------------------------------------------------------------------------------ GPU lane
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
-                         reason="needs a CUDA device with compiled Triton kernels")
+gpu = pytest.mark.gpu  # needs CUDA with compiled kernels (skipped otherwise, see conftest.py)
 
 
 @gpu

@@ -178,8 +178,7 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error(monkeypatch):
         acc(h, m)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or acc_mod.rt.interpreting(),
-                    reason="needs a CUDA device with compiled Triton kernels")
+@pytest.mark.gpu
 def test_gpu_offsets_past_2_31():
     """Sequences strided through a 2**31-element buffer: batch offsets need 64-bit arithmetic."""
     b, t, d = 4, 16, 128

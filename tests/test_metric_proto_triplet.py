@@ -156,8 +156,7 @@ def test_accelerated_bad_labels_give_nan_and_errors_name_the_argument():
         acc.proto_triplet_loss(q, y, p[:, :3])
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or acc.rt.interpreting(),
-                         reason="needs a CUDA device with compiled Triton kernels")
+gpu = pytest.mark.gpu  # needs CUDA with compiled kernels (skipped otherwise, see conftest.py)
 
 
 @gpu

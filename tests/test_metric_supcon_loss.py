@@ -254,8 +254,7 @@ def test_bad_arguments_are_named(bad, match):
 
 # ------------------------------------------------------------------------------------ GPU lane only
 
-on_gpu = pytest.mark.skipif(not torch.cuda.is_available() or acc_module.rt.interpreting(),
-                            reason="compiled kernels need a CUDA GPU (the interpreter cannot run bf16 dots)")
+on_gpu = pytest.mark.gpu  # needs CUDA with compiled kernels (skipped otherwise, see conftest.py)
 # (loss rtol, gradient tolerance relative to the largest gradient entry) per dtype on the GPU.
 GPU_TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 3e-3), torch.bfloat16: (1.6e-2, 2e-2)}
 

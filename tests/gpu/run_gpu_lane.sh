@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU lane in one go, for a machine with a CUDA GPU and torch/triton/pytest already installed:
-# install twinops, run tests/gpu (fp32 + bf16 conformance of the compiled kernels, torch.compile
-# fullgraph, >2**31-element offsets), then the benchmarks. Results go to $OUT (default reports/gpu)
+# install twinops, run every test marked `gpu` (tests/gpu: fp32 + bf16 conformance of the compiled
+# kernels, torch.compile fullgraph, >2**31-element offsets; the techniques' own GPU tests: bf16/TF32
+# tolerances, extra memory, large offsets), then the benchmarks. Results go to $OUT (default reports/gpu)
 # as they are produced, so a time-out keeps what was measured (bench_rows.jsonl, one row per case).
 set -u
 cd "$(dirname "$0")/../.."
@@ -20,7 +21,7 @@ python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log
   echo "git sha: ${TWINOPS_GIT_SHA:-unknown}"
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
-timeout "${GPU_LANE_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -rA --durations=10 tests/gpu > "$OUT/gpu_lane.log" 2>&1
+timeout "${GPU_LANE_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -rA --durations=10 -m gpu tests > "$OUT/gpu_lane.log" 2>&1
 echo "gpu lane exit: $?"
 grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_lane.log" | tail -n 30
 TWINOPS_BENCH_ROWS="$OUT/bench_rows.jsonl" timeout "${BENCH_TIMEOUT:-330}" python -m twinops.conformance bench --out "$OUT" > "$OUT/bench.log" 2>&1
