@@ -4,6 +4,8 @@
 # kernels, torch.compile fullgraph, >2**31-element offsets; the techniques' own GPU tests: bf16/TF32
 # tolerances, extra memory, large offsets), then the benchmarks. Results go to $OUT (default reports/gpu)
 # as they are produced, so a time-out keeps what was measured (bench_rows.jsonl, one row per case).
+# A short device budget picks a subset: GPU_LANE_K (a pytest -k expression for the lane) and
+# TWINOPS_BENCH_ONLY (comma-separated technique names for the benchmarks).
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-reports/gpu}
@@ -21,7 +23,7 @@ python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log
   echo "git sha: ${TWINOPS_GIT_SHA:-unknown}"
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
-timeout "${GPU_LANE_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -rA --durations=10 -m gpu tests > "$OUT/gpu_lane.log" 2>&1
+timeout "${GPU_LANE_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -rA --durations=10 -m gpu ${GPU_LANE_K:+-k "$GPU_LANE_K"} tests > "$OUT/gpu_lane.log" 2>&1
 echo "gpu lane exit: $?"
 grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_lane.log" | tail -n 30
 TWINOPS_BENCH_ROWS="$OUT/bench_rows.jsonl" timeout "${BENCH_TIMEOUT:-330}" python -m twinops.conformance bench --out "$OUT" > "$OUT/bench.log" 2>&1
