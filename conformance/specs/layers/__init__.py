@@ -1,0 +1,1 @@
+"""Specs of the layers (family ``layers/``), one module per technique or paper."""

@@ -1,0 +1,1 @@
+"""Layers: normalisation, memory-saving activations, adapters, token merging and weight-space operators (NumPy references)."""
