@@ -129,13 +129,17 @@ def prepare(case: Case, smoke: bool):
         fn = torch.compile(fn, dynamic=False)
     out_index = case.spec.grad_output_index or 0
 
+    def forward():
+        return fn(**tensors, **kwargs)
+
     def run():
-        out = fn(**tensors, **kwargs)
+        out = forward()
         if grad_names:
             out = out[out_index] if isinstance(out, tuple) else out
             torch.autograd.grad(out, [tensors[k] for k in grad_names], torch.ones_like(out))
         return out
 
+    run.forward = forward  # for retained_mib
     return arrays, run
 
 
@@ -166,6 +170,21 @@ def extra_peak_mib(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def retained_mib(forward) -> float:
+    """Memory held between a forward and its backward: what is allocated once the forward has
+    returned (outputs and the tensors autograd saved for the backward alive), inputs excluded. This is
+    the activation memory a training step keeps per layer, the figure memory-saving ops cut."""
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    out = forward()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base
+    del out
+    return held / 2**20
 
 
 _COPY_GBPS: float | None = None
@@ -219,7 +238,8 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def row(case: Case, arrays: dict, ms: float | None, peak_mib: float | None, note: str | None = None) -> dict:
+def row(case: Case, arrays: dict, ms: float | None, peak_mib: float | None, note: str | None = None,
+        retained: float | None = None) -> dict:
     itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[case.dtype]
     gbps = pct = tflops = pct_mm = None
     if ms and case.spec.bytes_moved is not None:
@@ -234,7 +254,8 @@ def row(case: Case, arrays: dict, ms: float | None, peak_mib: float | None, note
         "technique": case.spec.name, "case": case.bench.label, "dtype": case.dtype,
         "direction": case.direction, "provider": case.provider, "ms": ms, "gbps": gbps,
         "pct_of_copy": pct, "tflops": tflops, "pct_of_matmul": pct_mm,
-        "speedup_vs_eager": None, "speedup_vs_compile": None, "extra_peak_mib": peak_mib, "note": note,
+        "speedup_vs_eager": None, "speedup_vs_compile": None, "extra_peak_mib": peak_mib,
+        "retained_mib": retained, "note": note,
     }
 
 
@@ -273,19 +294,20 @@ def environment(smoke: bool) -> dict:
 
 
 def markdown(doc: dict) -> str:
+    f = lambda v, spec: "–" if v is None else format(v, spec)
+    ms = lambda r: "OOM" if str(r.get("note") or "").startswith("out of memory") else f(r["ms"], ".3f")
     head = (f"Device: {doc['device']} · torch {doc['torch']} · triton {doc['triton']} · "
             f"git {str(doc['git_sha'])[:10]}" + (" · smoke mode (no timings)" if doc["smoke"] else "")
             + (f" · copy bandwidth {doc['copy_gbps']:.0f} GB/s" if doc.get("copy_gbps") else ""))
     lines = [head, "", "| technique | case | dtype | direction | provider | ms | GB/s | % of copy | "
-             "TFLOP/s | % of matmul | vs eager | vs compile | extra MiB |", "|" + "---|" * 13]
-    f = lambda v, spec: "–" if v is None else format(v, spec)
+             "TFLOP/s | % of matmul | vs eager | vs compile | extra MiB | held MiB |", "|" + "---|" * 14]
     for r in doc["results"]:
         lines.append(
             f"| {r['technique']} | {r['case']} | {r['dtype']} | {r['direction']} | {r['provider']} | "
-            f"{'OOM' if str(r.get('note') or '').startswith('out of memory') else f(r['ms'], '.3f')} | {f(r['gbps'], '.0f')} | {f(r['pct_of_copy'], '.0f')} | "
+            f"{ms(r)} | {f(r['gbps'], '.0f')} | {f(r['pct_of_copy'], '.0f')} | "
             f"{f(r.get('tflops'), '.1f')} | {f(r.get('pct_of_matmul'), '.0f')} | "
             f"{f(r['speedup_vs_eager'], '.2f')} | {f(r['speedup_vs_compile'], '.2f')} | "
-            f"{f(r['extra_peak_mib'], '.1f')} |"
+            f"{f(r['extra_peak_mib'], '.1f')} | {f(r.get('retained_mib'), '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 

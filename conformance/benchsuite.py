@@ -42,7 +42,8 @@ def test_speed(benchmark, case):
                 run()
             timer = bench.DoBench(run)
             benchmark.pedantic(timer, rounds=ROUNDS, iterations=1)
-            r = bench.row(case, arrays, bench.median(timer.samples), bench.extra_peak_mib(run))
+            retained = bench.retained_mib(run.forward) if case.direction == "fwd+bwd" else None
+            r = bench.row(case, arrays, bench.median(timer.samples), bench.extra_peak_mib(run), retained=retained)
     except bench.out_of_memory_errors() as exc:  # a baseline that cannot hold its B x B matrix
         r = bench.row(case, {}, None, None, note=f"out of memory: {str(exc).splitlines()[0][:120]}")
         bench.release_memory()

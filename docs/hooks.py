@@ -332,7 +332,7 @@ def _run_versions(run: dict) -> str:
 
 
 BENCH_COLUMNS = ["case", "dtype", "direction", "provider", "ms", "GB/s", "% of copy", "TFLOP/s", "% of matmul",
-                 "vs eager", "vs compile", "extra peak MiB"]
+                 "vs eager", "vs compile", "extra peak MiB", "held for backward MiB"]
 
 
 def _bench_row(r: dict) -> list[str]:
@@ -349,6 +349,7 @@ def _bench_row(r: dict) -> list[str]:
         _fmt(r.get("speedup_vs_eager"), ".2f", "×"),
         _fmt(r.get("speedup_vs_compile"), ".2f", "×"),
         _fmt(r.get("extra_peak_mib"), ".1f"),
+        _fmt(r.get("retained_mib"), ".1f"),
     ]
 
 
