@@ -1,0 +1,196 @@
+"""Mesa (P21): the reference against hand-computed codes and identities, and the accelerated
+functions / modules (state buffers, saved-activation bytes, compile, no work without gradients)."""
+
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from twinops.reference.layers import mesa as R
+
+A = importlib.import_module("twinops.accelerated.layers.mesa")
+
+
+# ------------------------------------------------------------------------------ reference
+
+
+def test_codes_by_hand():
+    # One group spanning [0, 1] on the first step: scale 255, round to nearest.
+    x = np.array([[0.0, 1.0, 0.3, 0.5]])
+    q, rr, rm = R.mesa_quantize(x, np.zeros(1), np.zeros(1), first_step=True)
+    assert rr.tolist() == [1.0] and rm.tolist() == [0.0]
+    assert q.dtype == np.uint8
+    assert q.tolist() == [[0, 255, round(0.3 * 255), 128]]  # 127.5 rounds half to even: 128
+    assert np.allclose(R.mesa_dequantize(q, rr, rm), q / 255.0)
+
+
+def test_running_update_and_clamp_without_wraparound():
+    x = np.array([[-1.0, 3.0, 0.0, 0.0], [2.0, 5.0, 1.0, 1.5]])  # groups: columns {0, 1} and {2, 3}
+    q, rr, rm = R.mesa_quantize(x, np.array([1.0, 1.0]), np.array([0.0, 0.0]), groups=2, momentum=0.25)
+    assert np.allclose(rr, [0.75 * 1 + 0.25 * 6.0, 0.75 * 1 + 0.25 * 1.5])
+    assert np.allclose(rm, [0.25 * -1.0, 0.0])
+    # 5.0 lies far above beta + alpha = 1.5 - 0.25: clamped to 255 (Mesa's kernel would wrap modulo 256).
+    assert q[1, 1] == 255 and q[0, 0] == 0
+    q_eval, rr_eval, rm_eval = R.mesa_quantize(x, rr, rm, groups=2, training=False)
+    assert np.array_equal(rr_eval, rr) and np.array_equal(rm_eval, rm)
+
+
+def test_constant_group_has_finite_codes():
+    q, rr, rm = R.mesa_quantize(np.full((2, 3), 0.7), np.zeros(1), np.zeros(1), first_step=True)
+    assert rr[0] == 0.0 and np.all(q == 0)
+    assert np.allclose(R.mesa_dequantize(q, rr, rm), 0.7)
+
+
+def test_stochastic_rounding_is_unbiased():
+    rng = np.random.default_rng(0)
+    x = np.full((1, 20000), 0.3)
+    x[0, 0], x[0, 1] = 0.0, 1.0
+    u = rng.uniform(size=x.shape)
+    q, rr, rm = R.mesa_quantize(x, np.zeros(1), np.zeros(1), u, first_step=True)
+    x_hat = R.mesa_dequantize(q, rr, rm)
+    step = 1 / 255
+    assert abs(np.mean(x_hat[0, 2:] - 0.3)) < 0.02 * step
+    assert set(np.unique(q[0, 2:])) == {76, 77}  # 0.3 * 255 = 76.5
+
+
+def test_gelu_gradient_is_the_derivative_at_the_dequantised_input():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 8))
+    g = rng.normal(size=x.shape)
+    rr, rm = np.array([4.0, 4.0]), np.array([-2.0, -2.0])
+    got = R.mesa_gelu_grad(g, x, rr, rm, groups=2)
+    q, nr, nm = R.mesa_quantize(x, rr, rm, groups=2)
+    x_hat = R.mesa_dequantize(q, nr, nm, groups=2)
+    h = 1e-6
+    gelu = lambda t: np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in t.ravel()]).reshape(t.shape)
+    fd = (gelu(x_hat + h) - gelu(x_hat - h)) / (2 * h)
+    assert np.allclose(got, g * fd, atol=1e-7)
+    # and it is close to, but not, the full-precision gradient
+    exact = (gelu(x + h) - gelu(x - h)) / (2 * h)
+    assert 0 < np.abs(got - g * exact).max() < 0.05 * np.abs(g).max()
+
+
+def test_gelu_forward_is_exact():
+    x = np.linspace(-3, 3, 12).reshape(2, 6)
+    y, _, _ = R.mesa_gelu(x, np.ones(1), np.zeros(1))
+    assert np.allclose(y, F.gelu(torch.tensor(x)).numpy(), atol=1e-12)
+
+
+def test_reference_errors():
+    x = np.zeros((2, 4))
+    with pytest.raises(ValueError, match="groups"):
+        R.mesa_quantize(x, np.ones(3), np.zeros(3), groups=3)
+    with pytest.raises(ValueError, match="first_step"):
+        R.mesa_gelu(x, np.ones(1), np.zeros(1), training=False, first_step=True)
+    with pytest.raises(ValueError, match="running_range"):
+        R.mesa_gelu(x, np.array([np.nan]), np.zeros(1))
+    with pytest.raises(ValueError, match="finite"):
+        R.mesa_gelu(np.array([[np.inf, 0.0]]), np.ones(1), np.zeros(1))
+
+
+# ---------------------------------------------------------------------------- accelerated
+
+
+def _state(groups, value=1.0):
+    return torch.full((groups,), value), torch.full((groups,), -value)
+
+
+def test_quantize_matches_reference_and_leaves_inputs():
+    rng = np.random.default_rng(2)
+    x = torch.tensor(rng.normal(size=(5, 12)), dtype=torch.float32)
+    rr, rm = _state(3, 2.0)
+    x0, rr0 = x.clone(), rr.clone()
+    q, nr, nm = A.mesa_quantize(x, rr, rm, groups=3)
+    qr, nrr, nmr = R.mesa_quantize(x.double().numpy(), rr.double().numpy(), rm.double().numpy(), groups=3)
+    assert q.dtype == torch.uint8 and nr.dtype == torch.float32
+    assert (q.numpy().astype(int) - qr).__abs__().max() <= 1  # only exact ties may differ
+    assert np.allclose(nr.numpy(), nrr) and np.allclose(nm.numpy(), nmr)
+    assert torch.equal(x, x0) and torch.equal(rr, rr0)
+    x_hat = A.mesa_dequantize(q, nr, nm, groups=3)
+    assert torch.allclose(x_hat.double(), torch.tensor(R.mesa_dequantize(q.numpy(), nr.double().numpy(),
+                                                                           nm.double().numpy(), groups=3)))
+
+
+def test_gelu_module_train_eval_and_buffers():
+    torch.manual_seed(0)
+    m = A.MesaGELU(groups=2, stochastic=False)
+    with pytest.raises(RuntimeError, match="eval mode before any running statistic"):
+        m.eval()(torch.randn(3, 4))
+    m.train()
+    x1, x2 = torch.randn(3, 4), torch.randn(3, 4) * 2
+    m(x1)
+    _, rr, rm = R.mesa_gelu(x1.double().numpy(), np.zeros(2), np.zeros(2), groups=2, first_step=True)
+    assert np.allclose(m.running_range.numpy(), rr, atol=1e-6) and np.allclose(m.running_min.numpy(), rm, atol=1e-6)
+    m(x2)
+    _, rr, rm = R.mesa_gelu(x2.double().numpy(), rr, rm, groups=2)
+    assert np.allclose(m.running_range.numpy(), rr, atol=1e-6) and np.allclose(m.running_min.numpy(), rm, atol=1e-6)
+    m.eval()
+    before = m.running_range.clone()
+    y = m(x1)
+    assert torch.equal(m.running_range, before)
+    assert torch.allclose(y, F.gelu(x1), atol=1e-6)
+    state = m.state_dict()
+    fresh = A.MesaGELU(groups=2)
+    fresh.load_state_dict(state)
+    assert fresh.initialised and torch.equal(fresh.running_min, m.running_min)
+
+
+def _saved_bytes(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved)
+
+
+def test_gelu_saves_at_most_55_percent_of_a_bf16_activation():
+    x = torch.randn(4, 6, 48)
+    plain = _saved_bytes(lambda: F.gelu(x.bfloat16().requires_grad_(True)))
+    assert plain == 2 * x.numel()
+    rr, rm = _state(12, 3.0)
+    ours = _saved_bytes(lambda: A.mesa_gelu(x.clone().requires_grad_(True), rr, rm, groups=12))
+    assert ours == x.numel() + 8 * 12  # uint8 codes + fp32 (range, min) per group
+    assert ours <= 0.55 * plain
+
+
+def test_gelu_no_codes_without_gradient():
+    x = torch.randn(3, 8)
+    rr, rm = _state(1, 3.0)
+    assert _saved_bytes(lambda: A.mesa_gelu(x, rr, rm)) == 0
+    with torch.no_grad():
+        y, _, _ = A.mesa_gelu(x.requires_grad_(True), rr, rm)
+    assert not y.requires_grad
+
+
+def test_gelu_compiles_fullgraph():
+    rng = np.random.default_rng(4)
+    x = torch.tensor(rng.normal(size=(3, 8)), dtype=torch.float32, requires_grad=True)
+    rr, rm = _state(2, 3.0)
+    g = torch.randn(3, 8)
+    y, nr, _ = A.mesa_gelu(x, rr, rm, groups=2)
+    (dx,) = torch.autograd.grad(y, x, g)
+    fn = torch.compile(lambda x, rr, rm: A.mesa_gelu(x, rr, rm, groups=2), fullgraph=True, backend="aot_eager")
+    yc, nrc, _ = fn(x, rr, rm)
+    (dxc,) = torch.autograd.grad(yc, x, g)
+    assert torch.equal(y, yc) and torch.equal(nr, nrc) and torch.equal(dx, dxc)
+
+
+def test_accelerated_errors():
+    x = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="groups"):
+        A.mesa_gelu(x, *_state(3), groups=3)
+    with pytest.raises(ValueError, match="running_range"):
+        A.mesa_gelu(x, torch.ones(2), torch.zeros(1))
+    with pytest.raises(ValueError, match="first_step"):
+        A.mesa_gelu(x, *_state(1), training=False, first_step=True)
+    with pytest.raises(TypeError, match="q"):
+        A.mesa_dequantize(torch.zeros(2, 4), *_state(1))
+    _, nr, nm = A.mesa_gelu(x, torch.tensor([float("nan")]), torch.zeros(1))
+    assert torch.isnan(nr).all() and torch.isnan(nm).all()
