@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-acc_mod = importlib.import_module("twinops.accelerated.layers.nested_dropout")  # the package exports a function of the same name
+# the package exports a function of the same name as the module
+acc_mod = importlib.import_module("twinops.accelerated.layers.nested_dropout")
 from twinops.accelerated.layers.nested_dropout import NestedDropout, draw_cutoff
 from twinops.accelerated.layers.nested_dropout import nested_dropout as acc
 from twinops.reference.layers.nested_dropout import nested_dropout as ref

@@ -130,7 +130,8 @@ NESTED_DROPOUT = Spec(
                 "NaN past the cut-off never reaches the output",
                 "training=False is the identity"),
     wrong_ports={
-        "keeps one feature too many (j <= k)": replaces_argument("k", lambda k, kw: (k + 1).clamp(max=kw["x"].shape[1])),
+        "keeps one feature too many (j <= k)":
+            replaces_argument("k", lambda k, kw: (k + 1).clamp(max=kw["x"].shape[1])),
         "rescales the kept prefix by D / k": _rescales,
     },
 )
