@@ -145,8 +145,10 @@ def _launch(z: torch.Tensor, factors, out_rows: int, out_cols: int) -> torch.Ten
         return out
     block = 16 if rt.interpreting() else 64
     block_k = 16 if rt.interpreting() else 32
-    # 16-bit inputs: fp32 factors and an fp32 intermediate, multiplied at TF32 (input values are exact
-    # in TF32; the factor rounding, ~5e-4 relative, is far below the bf16 output's resolution).
+    # The factors and the intermediate are fp32 whatever the input dtype. fp32 inputs follow PyTorch's
+    # matmul precision switch (exact by default). bf16 inputs multiply at TF32: bf16 values are exact in
+    # TF32 and the factors' rounding (~5e-4 relative) is far below a bf16 output's resolution. fp16
+    # outputs resolve ~5e-4, so fp16 inputs multiply exactly.
     precision = rt.dot_precision(z.dtype) if z.dtype != torch.float16 else "ieee"
     ncols = out_cols + 1
     t = torch.empty((planes, rows, ncols), device=z.device, dtype=torch.float32)

@@ -1,7 +1,7 @@
 r"""Low-frequency crop: keep the centred low-frequency band of an image's 2-D spectrum.
 
 Paper P8 — *EfficientTrain: Exploring Generalized Curriculum Learning for Training Visual Backbones*
-(Wang, Yue, Ni, Huang, Song, Huang, ICCV 2023).
+(Wang, Yue, Lu, Liu, Zhong, Song, Huang, ICCV 2023).
 
 For an image plane $x \in \mathbb{R}^{H \times W}$ and a band $(B_h, B_w)$ with
 $b_h = \lfloor B_h/2 \rfloor$, $b_w = \lfloor B_w/2 \rfloor$, let $X = \mathrm{FFT2}(x)$

@@ -1,7 +1,7 @@
 r"""Multi-level training operators: coalesce, de-coalesce and interpolate parameters.
 
 Paper P34 — *A Multi-Level Framework for Accelerating Training Transformer Models*
-(Zou, Zhang, Wang, Wang, Wu, ICLR 2024).
+(Zou, Zhang, Deng, ICLR 2024).
 
 A group map $g: \{0, \dots, s-1\} \to \{0, \dots, t-1\}$ assigns every one of the $s$ channels of
 a large model to one of the $t$ channels of a small one (0/1 matrix $S \in \{0,1\}^{t \times s}$,
@@ -154,8 +154,8 @@ def decoalesce(weight, out_groups=None, in_groups=None):
 
 
 def interpolate_params(original, decoalesced, *, alpha=0.5):
-    """$(1 - \\alpha)\\,$``original`` $+ \\alpha\\,$``decoalesced``: the V-cycle's merge of the large
-    model before coalescing with the de-coalesced trained small model."""
+    """``(1 - alpha) * original + alpha * decoalesced``: the V-cycle's merge of the large model before
+    coalescing with the de-coalesced trained small model."""
     a = np.asarray(original)
     if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
         raise TypeError(f"original must be a real floating-point array, got dtype {a.dtype}")
