@@ -194,3 +194,54 @@ def test_accelerated_errors():
         A.mesa_dequantize(torch.zeros(2, 4), *_state(1))
     _, nr, nm = A.mesa_gelu(x, torch.tensor([float("nan")]), torch.zeros(1))
     assert torch.isnan(nr).all() and torch.isnan(nm).all()
+
+
+# -------------------------------------------------------------------------------- softmax
+
+
+def test_softmax_reference_gradient_identities():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(1, 2, 3, 7))
+    g = rng.normal(size=x.shape)
+    rr, rm = np.array([0.5, 0.5]), np.zeros(2)
+    y, nr, nm = R.mesa_softmax(x, rr, rm, groups=2)
+    assert np.allclose(y.sum(-1), 1.0) and np.allclose(y, torch.softmax(torch.tensor(x), -1).numpy())
+    dx = R.mesa_softmax_grad(g, x, rr, rm, groups=2)
+    q, _, _ = R.mesa_quantize(y, rr, rm, groups=2, dim=1)
+    y_hat = R.mesa_dequantize(q, nr, nm, groups=2, dim=1)
+    # a brute-force Jacobian product at y_hat, row by row
+    for idx in np.ndindex(x.shape[:-1]):
+        jac = np.diag(y_hat[idx]) - np.outer(y_hat[idx], y_hat[idx])
+        assert np.allclose(dx[idx], jac.T @ g[idx])
+    # a constant upstream gradient gives (almost) zero: y_hat sums to 1 up to quantisation
+    assert np.abs(R.mesa_softmax_grad(np.ones_like(x), x, rr, rm, groups=2)).max() < 0.05
+
+
+def test_softmax_saves_at_most_55_percent_and_module_buffers():
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 3, 20)
+    plain = _saved_bytes(lambda: torch.softmax(x.bfloat16().requires_grad_(True), -1))
+    assert plain == 2 * x.numel()
+    m = A.MesaSoftmax(groups=4, stochastic=False)
+    xr = x.clone().requires_grad_(True)
+    ours = _saved_bytes(lambda: m(xr))
+    assert ours == x.numel() + 8 * 4 and ours <= 0.55 * plain
+    _, rr, rm = R.mesa_softmax(x.double().numpy(), np.zeros(4), np.zeros(4), groups=4, first_step=True)
+    assert np.allclose(m.running_range.numpy(), rr, atol=1e-6) and np.allclose(m.running_min.numpy(), rm, atol=1e-7)
+    y = m.eval()(x)
+    assert torch.allclose(y, torch.softmax(x, -1), atol=1e-6)
+
+
+def test_softmax_compiles_fullgraph_and_skips_codes_without_grad():
+    x = torch.randn(1, 2, 3, 9, requires_grad=True)
+    rr, rm = torch.full((2,), 0.5), torch.zeros(2)
+    g = torch.randn(x.shape)
+    y, _, _ = A.mesa_softmax(x, rr, rm, groups=2)
+    (dx,) = torch.autograd.grad(y, x, g)
+    fn = torch.compile(lambda x, rr, rm: A.mesa_softmax(x, rr, rm, groups=2), fullgraph=True, backend="aot_eager")
+    yc, _, _ = fn(x, rr, rm)
+    (dxc,) = torch.autograd.grad(yc, x, g)
+    assert torch.equal(y, yc) and torch.equal(dx, dxc)
+    assert _saved_bytes(lambda: A.mesa_softmax(x.detach(), rr, rm, groups=2)) == 0
+    with pytest.raises(ValueError, match=r"\(B, H, N, M\)"):
+        A.mesa_softmax(torch.zeros(2, 3, 4), torch.ones(1), torch.zeros(1))

@@ -10,7 +10,8 @@ Every kernel runs on a (G, chunks) grid: program (g, c) handles elements [c * BL
 of group g, so the group's scale is a scalar per program. Three launches quantise:
 
 1. `_minmax_kernel`: per-chunk min / max and a non-finite flag, (G, chunks) fp32 partials.
-2. `_state_kernel`: one program per group folds the partials and applies the running update
+2. `_state_kernel`: one program per group folds the partials (any layout `group_offsets` describes:
+   softmax writes one partial per row) and applies the running update
    (alpha <- (1 - m) alpha + m (max - min), beta <- (1 - m) beta + m min; first step: no history).
    A non-finite x or old state gives a NaN new state (the device cannot raise).
 3. `_quantize_kernel`: q = clip(rint((x - beta) s + u - 1/2), 0, 255), s = 255 / max(|alpha|, 1e-8),
@@ -94,23 +95,24 @@ def _minmax_kernel(
 
 @triton.jit
 def _state_kernel(
-    part_ptr,                      # (3, G, chunks) fp32 partials from _minmax_kernel
+    part_ptr, plane,               # partials: min at part_ptr, max at + plane, non-finite count at + 2 * plane
+    p_stride_o, p_stride_d, p_stride_i, Dg, inner, n_group,  # where partial e of group g sits (group_offsets)
     old_range_ptr, old_min_ptr,    # (G,) running state, any float dtype, contiguous
     new_range_ptr, new_min_ptr,    # out (G,) fp32
-    chunks, G, momentum,
+    momentum,
     FIRST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
     lo = tl.full((BLOCK,), float("inf"), tl.float32)
     hi = tl.full((BLOCK,), float("-inf"), tl.float32)
     bad = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, chunks, BLOCK):
-        c = start + tl.arange(0, BLOCK)
-        live = c < chunks
-        slot = g * chunks + c
+    for start in range(0, n_group, BLOCK):
+        e = start + tl.arange(0, BLOCK).to(tl.int64)
+        live = e < n_group
+        slot = group_offsets(e, g, Dg, inner, p_stride_o, p_stride_d, p_stride_i)
         lo = tl.minimum(lo, tl.load(part_ptr + slot, mask=live, other=float("inf")))
-        hi = tl.maximum(hi, tl.load(part_ptr + G * chunks + slot, mask=live, other=float("-inf")))
-        bad += tl.load(part_ptr + 2 * G * chunks + slot, mask=live, other=0.0)
+        hi = tl.maximum(hi, tl.load(part_ptr + plane + slot, mask=live, other=float("-inf")))
+        bad += tl.load(part_ptr + 2 * plane + slot, mask=live, other=0.0)
     lo_g = tl.min(lo, axis=0)
     span = tl.max(hi, axis=0) - lo_g
     n_bad = tl.sum(bad, axis=0)
@@ -208,11 +210,19 @@ def update_state(x3: torch.Tensor, running_range, running_min, groups: int, mome
     part = torch.empty((3, groups, chunks), device=x3.device, dtype=torch.float32)
     _minmax_kernel[(groups, chunks)](x3, x3.stride(0), x3.stride(1), x3.stride(2), part, dg, inner, n_group,
                                      chunks, groups, BLOCK=block)
-    new_range = torch.empty(groups, device=x3.device, dtype=torch.float32)
+    # partial c of group g sits at g * chunks + c: the (1, G, chunks) layout in group_offsets' terms
+    return fold_state(part, groups * chunks, (0, chunks, 1), 1, chunks, chunks, running_range, running_min,
+                      groups, momentum, first_step)
+
+
+def fold_state(part, plane: int, strides, dg: int, inner: int, n_group: int, running_range, running_min,
+               groups: int, momentum: float, first_step: bool):
+    """Run `_state_kernel` over partial (min, max, non-finite) triples; returns the fp32 (G,) new state."""
+    new_range = torch.empty(groups, device=part.device, dtype=torch.float32)
     new_min = torch.empty_like(new_range)
-    _state_kernel[(groups,)](part, running_range.contiguous(), running_min.contiguous(), new_range, new_min,
-                             chunks, groups, float(momentum), FIRST=bool(first_step),
-                             BLOCK=32 if rt.interpreting() else 1024)
+    _state_kernel[(groups,)](part, plane, strides[0], strides[1], strides[2], dg, inner, n_group,
+                             running_range.contiguous(), running_min.contiguous(), new_range, new_min,
+                             float(momentum), FIRST=bool(first_step), BLOCK=32 if rt.interpreting() else 1024)
     return new_range, new_min
 
 

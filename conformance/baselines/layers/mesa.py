@@ -76,3 +76,30 @@ def mesa_gelu(x, running_range, running_min, noise=None, *, groups=1, momentum=0
     new_range, new_min = _state(x, running_range, running_min, groups, -1, momentum, training, first_step)
     q = _codes(x, new_range, new_min, noise, groups, -1)
     return _GELU.apply(x, q, new_range, new_min, groups), new_range, new_min
+
+
+def mesa_softmax(x, running_range, running_min, noise=None, *, groups=1, momentum=0.1, training=True,
+                 first_step=False):
+    y32 = torch.softmax(x.detach().float(), dim=-1)
+    new_range, new_min = _state(y32, running_range, running_min, groups, 1, momentum, training, first_step)
+    q = _codes(y32, new_range, new_min, noise, groups, 1)
+    y = torch.softmax(x.detach(), dim=-1)
+    return _SoftmaxGate.apply(x, y, q, new_range, new_min, groups), new_range, new_min
+
+
+class _SoftmaxGate(torch.autograd.Function):
+    """Returns the already computed softmax ``y`` of ``x``; the gradient comes from the saved codes."""
+
+    @staticmethod
+    def forward(ctx, x, y, q, new_range, new_min, groups):
+        ctx.save_for_backward(q, new_range, new_min)
+        ctx.groups = groups
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, new_range, new_min = ctx.saved_tensors
+        y_hat = _restore(q, new_range, new_min, ctx.groups, 1)
+        g = grad.float()
+        dx = y_hat * (g - (g * y_hat).sum(dim=-1, keepdim=True))
+        return dx.to(grad.dtype), None, None, None, None, None

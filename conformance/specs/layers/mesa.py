@@ -321,17 +321,21 @@ def _saved_point_function(op, prime_input=lambda values: values["x"]):
     return make
 
 
-def _exact_gradient(fn):
-    """The full-precision gradient GELU'(x) instead of GELU'(x_hat): what Mesa approximates."""
-    import torch
-    import torch.nn.functional as F
+def _exact_gradient(op_name: str):
+    """The full-precision gradient (at x, not at the saved activation): what Mesa approximates."""
 
-    def port(**kw):
-        y, new_range, new_min = fn(**kw)
-        exact = F.gelu(kw["x"].float()).to(y.dtype)
-        return y.detach() + (exact - exact.detach()), new_range, new_min
+    def wrap(fn):
+        import torch
 
-    return lambda **kw: port(**kw) if torch.is_tensor(kw["x"]) else fn(**kw)
+        def port(**kw):
+            y, new_range, new_min = fn(**kw)
+            x = kw["x"].float()
+            exact = (torch.nn.functional.gelu(x) if op_name == "gelu" else torch.softmax(x, dim=-1)).to(y.dtype)
+            return y.detach() + (exact - exact.detach()), new_range, new_min
+
+        return lambda **kw: port(**kw) if torch.is_tensor(kw["x"]) else fn(**kw)
+
+    return wrap
 
 
 GELU = Spec(
@@ -354,8 +358,78 @@ GELU = Spec(
     output_dtypes=("input", "float32", "float32"),
     grad_output_index=0,
     properties=("saved for backward: uint8 codes (1 byte / element) + 8 G bytes of state",),
-    wrong_ports={"full-precision gradient (not at the saved activation)": _exact_gradient,
+    wrong_ports={"full-precision gradient (not at the saved activation)": _exact_gradient("gelu"),
                  "quantises with the previous step's state": _stale_scale},
 )
 
-register(QUANTIZE, DEQUANTIZE, GELU)
+
+# --------------------------------------------------------------------------------- softmax
+
+
+@st.composite
+def _softmax_samples(draw, profile: str, dtype: str):
+    shape = (draw(st.sampled_from((1, 2))), draw(st.sampled_from((1, 2, 3, 4))), draw(st.sampled_from((1, 2, 3))),
+             draw(st.sampled_from(SIZES)))
+    rng, x, rr, rm, noise, kwargs = draw(_quant_case(dtype, shape, 1, transform=R._softmax))
+    layout = draw(st.sampled_from(("contiguous", "strided", "row_strided")))
+    return Sample(arrays={"x": x, "running_range": rr, "running_min": rm, "noise": noise}, kwargs=kwargs,
+                  float_inputs=("x", "running_range", "running_min", "noise"), layouts={"x": layout},
+                  grad_out=upstream_grad(rng, shape))
+
+
+def _softmax_linearisation(values: dict, kwargs: dict):
+    """What the Mesa softmax gradient differentiates: softmax linearised at the dequantised output
+    y_hat_0, x -> y_hat_0 + (diag(y_hat_0) - y_hat_0 y_hat_0^T)(x - x_0) row by row (its VJP is
+    y_hat_0 (g - sum g y_hat_0); the saved codes are constants)."""
+    x0 = values["x"]
+    y0 = R._softmax(x0)
+    q, new_range, new_min, groups = R._prepare(y0, values["running_range"], values["running_min"], values.get("noise"),
+                                               kwargs.get("groups", 1), 1, kwargs.get("momentum", 0.1),
+                                               kwargs.get("training", True), kwargs.get("first_step", False))
+    y_hat = R._dequantize(q, new_range, new_min, groups, 1)
+
+    def f(x, **rest):
+        dx = x - x0
+        return y_hat + y_hat * dx - y_hat * np.sum(y_hat * dx, axis=-1, keepdims=True)
+
+    return f
+
+
+def _scores_inputs(shape, groups):
+    def make(rng):
+        x = rng.standard_normal(shape, dtype=np.float32) * 2.0
+        return {"x": x, "running_range": np.full(groups, 0.5, np.float32),
+                "running_min": np.zeros(groups, np.float32)}, {"groups": groups}
+
+    return make
+
+
+SOFTMAX = Spec(
+    name="mesa_softmax",
+    paper=21,
+    family="layers",
+    summary="Mesa softmax: exact softmax over the last axis of (B, H, N, M) scores; the backward uses the "
+            "8-bit saved output, grouped by heads.",
+    reference=f"{REF}:mesa_softmax",
+    reference_grad=f"{REF}:mesa_softmax_grad",
+    accelerated=f"{ACC}:mesa_softmax",
+    baseline=f"{BASE}:mesa_softmax",
+    samples=lambda profile, dtype: _softmax_samples(profile, dtype),
+    grad_inputs=("x",),
+    tolerance=TOLERANCE,
+    bad_inputs=_quant_bad_inputs(lambda: np.linspace(-1.0, 1.0, 24).reshape(1, 4, 2, 3), axis_note=" (heads)") + (
+        BadInput("3-D scores", _bad({"x": np.zeros((4, 2, 3)), "running_range": np.ones(1),
+                                     "running_min": np.zeros(1)}), ValueError, "(B, H, N, M)"),
+    ),
+    bench_cases=(BenchCase("64x12x197x197 G=12", _scores_inputs((64, 12, 197, 197), 12), ("x",),
+                           smoke=_scores_inputs((1, 12, 2, 5), 12), dtypes=("bfloat16",)),),
+    bytes_moved=_elementwise_bytes,
+    fd_function=_softmax_linearisation,
+    output_dtypes=("input", "float32", "float32"),
+    grad_output_index=0,
+    properties=("saved for backward: uint8 codes of the output (1 byte / element) + 8 G bytes of state",),
+    wrong_ports={"full-precision gradient (not at the saved output)": _exact_gradient("softmax"),
+                 "quantises with the previous step's state": _stale_scale},
+)
+
+register(QUANTIZE, DEQUANTIZE, GELU, SOFTMAX)
