@@ -37,8 +37,14 @@ __all__ = ["dual_lora_linear", "DualLoRALinear"]
 
 HAS_TRITON_BACKWARD = True
 
-# Untuned guesses pending a GPU sweep (the interpreter uses 16-wide tiles so small shapes cross them).
-GPU_TILES = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+# Untuned guesses pending a GPU sweep, sized so that the pipelined tiles (masks and rank-64 factors
+# included, fp32 at two stages) stay within an H100's shared memory. "gemm": forward and dx (BLOCK_N
+# is dx's reduction chunk); "skinny": the rank pass, dA and dB, which stream G, the masks and u.
+# The interpreter uses 16-wide tiles so small shapes cross them.
+GPU_TILES = {
+    "gemm": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8),
+    "skinny": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4),
+}
 INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
 GPU_SPLIT = 64  # most programs sharing one N reduction (dA, dB)
 
@@ -51,8 +57,11 @@ def _precisions(dtype: torch.dtype) -> dict:
     return dict(PRECISION=p, RANK_PRECISION=p if dtype == torch.float32 else "ieee")
 
 
-def _tiles() -> dict:
-    return dict(INTERPRETER_TILES) if rt.interpreting() else dict(GPU_TILES)
+def _tiles(kind: str, dtype: torch.dtype) -> dict:
+    if rt.interpreting():
+        return dict(INTERPRETER_TILES)
+    stages = 3 if kind == "gemm" and dtype != torch.float32 else 2
+    return dict(GPU_TILES[kind], num_stages=stages)
 
 
 def _rank_block(r: int) -> int:
@@ -318,7 +327,7 @@ def _dual_lora_linear(
     u2 = torch.empty((n, r2), device=x.device, dtype=torch.float32)
     if n == 0:
         return y, u1, u2
-    t = _tiles()
+    t = _tiles("gemm", x.dtype)
     grid = (triton.cdiv(n, t["BLOCK_M"]), triton.cdiv(d_out, t["BLOCK_N"]))
     _forward_kernel[grid](
         x, x.stride(0), x.stride(1), weight, weight.stride(0), weight.stride(1),
@@ -362,7 +371,8 @@ def _dual_lora_linear_backward(
     d_out, r1, r2 = weight.shape[0], lora_a1.shape[0], lora_a2.shape[0]
     dev = x.device
     empty = lambda: x.new_empty((0,))  # noqa: E731  (a fresh one per output: outputs may not alias)
-    t = _tiles()
+    t, sk = _tiles("gemm", x.dtype), _tiles("skinny", x.dtype)
+    launch = {k: v for k, v in sk.items() if k.startswith("num_")}
     prec, rb1, rb2 = _precisions(x.dtype), _rank_block(r1), _rank_block(r2)
     masks = (*_strides2(mask1, x), *_strides2(mask2, x))
     flags = dict(HAS_MASK1=mask1 is not None, HAS_MASK2=mask2 is not None)
@@ -371,11 +381,11 @@ def _dual_lora_linear_backward(
     q1 = torch.empty((n, r1), device=dev, dtype=torch.float32)
     q2 = torch.empty((n, r2), device=dev, dtype=torch.float32)
     if n > 0 and (need_x or need_a1 or need_a2 or need_alpha):
-        _rank_grad_kernel[(triton.cdiv(n, t["BLOCK_M"]),)](
+        _rank_grad_kernel[(triton.cdiv(n, sk["BLOCK_M"]),)](
             grad, grad.stride(0), grad.stride(1), lora_b1, lora_b1.stride(0), lora_b1.stride(1),
             lora_b2, lora_b2.stride(0), lora_b2.stride(1), alpha, alpha.stride(0), *masks, u1, u2, q1, q2,
             dalpha if need_alpha else q1, n, d_out, r1, r2, scale, ALPHA_GRAD=need_alpha, **prec,
-            RB1=rb1, RB2=rb2, BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], **flags,
+            RB1=rb1, RB2=rb2, BLOCK_M=sk["BLOCK_M"], BLOCK_N=sk["BLOCK_N"], **flags, **launch,
         )
     if n > 0 and need_x:
         grid = (triton.cdiv(n, t["BLOCK_M"]), triton.cdiv(d_in, t["BLOCK_K"]))
@@ -386,14 +396,14 @@ def _dual_lora_linear_backward(
             **prec, RB1=rb1, RB2=rb2, **t,
         )
     da1, da2, db1, db2 = empty(), empty(), empty(), empty()
-    split, rows_per = _split(n, t["BLOCK_M"])
+    split, rows_per = _split(n, sk["BLOCK_M"])
     if need_a1 or need_a2:
         p1 = torch.zeros((split, r1, d_in), device=dev, dtype=torch.float32)
         p2 = torch.zeros((split, r2, d_in), device=dev, dtype=torch.float32)
         if n > 0:
-            _da_kernel[(triton.cdiv(d_in, t["BLOCK_K"]), split)](
+            _da_kernel[(triton.cdiv(d_in, sk["BLOCK_K"]), split)](
                 x, x.stride(0), x.stride(1), q1, q2, p1, p2, n, d_in, r1, r2, rows_per,
-                **prec, RB1=rb1, RB2=rb2, BLOCK_M=t["BLOCK_M"], BLOCK_K=t["BLOCK_K"],
+                **prec, RB1=rb1, RB2=rb2, BLOCK_M=sk["BLOCK_M"], BLOCK_K=sk["BLOCK_K"], **launch,
             )
         da1 = p1.sum(0).to(lora_a1.dtype) if need_a1 else empty()
         da2 = p2.sum(0).to(lora_a2.dtype) if need_a2 else empty()
@@ -401,10 +411,10 @@ def _dual_lora_linear_backward(
         p1 = torch.zeros((split, d_out, r1), device=dev, dtype=torch.float32)
         p2 = torch.zeros((split, d_out, r2), device=dev, dtype=torch.float32)
         if n > 0:
-            _db_kernel[(triton.cdiv(d_out, t["BLOCK_N"]), split)](
+            _db_kernel[(triton.cdiv(d_out, sk["BLOCK_N"]), split)](
                 grad, grad.stride(0), grad.stride(1), *masks, alpha, alpha.stride(0), u1, u2, p1, p2,
                 n, d_out, r1, r2, rows_per, scale, **prec, RB1=rb1, RB2=rb2,
-                BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], **flags,
+                BLOCK_M=sk["BLOCK_M"], BLOCK_N=sk["BLOCK_N"], **flags, **launch,
             )
         db1 = p1.sum(0).to(lora_b1.dtype) if need_b1 else empty()
         db2 = p2.sum(0).to(lora_b2.dtype) if need_b2 else empty()

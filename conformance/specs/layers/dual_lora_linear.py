@@ -178,7 +178,7 @@ def _bytes(arrays: dict, itemsize: int, direction: str) -> float:
 def _flops(arrays: dict, direction: str) -> float:
     """The op's useful FLOPs: the frozen GEMM plus both rank-r branches (2 N r (d_in + d_out) each);
     backward the dx GEMM plus G B, q A, dA and dB. Not counted: the fused forward recomputes u = x Aᵀ
-    in every output-column tile (d_out / 128 times at the GPU tile size)."""
+    in every output-column tile (d_out / 64 times at the GPU tile size)."""
     n, d_in, d_out, r = _sizes(arrays)
     fwd = 2 * n * d_in * d_out + 2 * n * r * (d_in + d_out)
     bwd = 2 * n * d_out * d_in + 4 * n * r * (d_in + d_out)
