@@ -171,3 +171,19 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         acc_mod.coalesce(torch.ones(4, 6))
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_agrees_with_the_eager_baseline_past_2_31():
+    """A weight strided through a 2**31-element buffer (row offsets need 64-bit arithmetic), bf16."""
+    from twinops.conformance.baselines.layers import multilevel as base
+
+    rows, cols = 64, 256
+    k = 2**31 // (cols * (rows - 1)) + 1
+    buf = torch.zeros((k * rows, cols), device="cuda", dtype=torch.bfloat16)
+    w = buf[::k]
+    w.copy_(torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16))
+    assert w.stride(0) * (rows - 1) > 2**31
+    torch.testing.assert_close(acc_mod.coalesce(w).float(), base.coalesce(w.contiguous()).float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(acc_mod.decoalesce(w), base.decoalesce(w.contiguous()))
+    torch.testing.assert_close(acc_mod.interpolate_params(w, w, alpha=0.25), w)
