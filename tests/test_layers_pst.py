@@ -307,3 +307,35 @@ def test_gpu_offsets_past_2_31():
     assert x.stride(0) * (n - 1) > 2**31
     t = {key: v.to("cuda", torch.bfloat16) for key, v in _tensors(_data(d_in=d_in, d_out=d_out)).items() if key != "x"}
     torch.testing.assert_close(acc(x, **t, sparsity=0.5).float(), acc(x.contiguous(), **t, sparsity=0.5).float())
+
+
+def test_tensor_sparsity_matches_the_float_and_poisons_out_of_range():
+    t = _tensors(_data(seed=8))
+    for rho in (0.0, 0.3, 0.5, 1.0):
+        want = acc(**t, sparsity=rho)
+        torch.testing.assert_close(acc(**t, sparsity=torch.tensor(rho, dtype=torch.float64)), want, rtol=0, atol=0)
+    for bad in (1.5, -0.1, float("nan")):
+        assert torch.isnan(acc(**t, sparsity=torch.tensor(bad, dtype=torch.float64))).all()
+    with pytest.raises(ValueError, match="sparsity"):
+        acc(**t, sparsity=torch.tensor([0.5]))
+
+
+def test_module_sparsity_changes_without_recompiling(monkeypatch):
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    layer = PSTSparseLinear(6, 5, rank_weight=2, rank_mask=2)
+    with torch.no_grad():
+        layer.V.normal_()
+        layer.B.normal_()
+    x = torch.randn(3, 6)
+    fn = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    outs = []
+    for step in (0, 40, 60, 100):
+        layer.set_sparsity(acc_schedule(step, 100))
+        outs.append(fn(x))
+        if step == 0:
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        want = ref(x.numpy(), *(getattr(layer, k).detach().numpy() for k in NAMES[1:]),
+                   sparsity=acc_schedule(step, 100))
+        np.testing.assert_allclose(outs[-1].detach().numpy(), want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(outs[0], outs[-1])

@@ -317,11 +317,32 @@ def _prune_count(sparsity: float, numel: int) -> int:
     return int(sparsity * numel)  # the authors' int(numel * sparsity), in float64
 
 
+def _threshold(score: torch.Tensor, sparsity: float, sparsity_t: torch.Tensor | None):
+    """(t, p): the k-th smallest score in the stable order and its flat index (-inf, -1 when k = 0).
+    With a tensor sparsity k is computed on the device (no synchronisation)."""
+    dev, numel = score.device, score.numel()
+    if sparsity_t is None:
+        k = _prune_count(sparsity, numel)
+        if k == 0:
+            return (torch.full((), float("-inf"), device=dev, dtype=torch.float32),
+                    torch.full((), -1, device=dev, dtype=torch.int64))
+        values, order = torch.sort(score.view(-1), stable=True)
+        return values[k - 1].clone(), order[k - 1].clone()
+    rho = sparsity_t.to(torch.float64).clamp(0.0, 1.0)
+    k = torch.floor(torch.nan_to_num(rho, nan=0.0) * numel).to(torch.int64).view(1)
+    values, order = torch.sort(score.view(-1), stable=True)
+    pos = (k - 1).clamp(min=0)
+    some = k > 0
+    thr = torch.where(some, values.gather(0, pos), torch.full_like(values[:1], float("-inf")))
+    idx = torch.where(some, order.gather(0, pos), torch.full_like(order[:1], -1))
+    return thr.view(()), idx.view(())
+
+
 @torch.library.custom_op("twinops::pst_sparse_linear", mutates_args=())
 def _pst_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, U: torch.Tensor, V: torch.Tensor,
     A: torch.Tensor, B: torch.Tensor, R: torch.Tensor, C: torch.Tensor,
-    sparsity: float, beta: float, alpha1: float, alpha2: float,
+    sparsity: float, sparsity_t: torch.Tensor | None, beta: float, alpha1: float, alpha2: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n = x.shape[0]
     d_out, d_in = weight.shape
@@ -335,25 +356,22 @@ def _pst_forward(
         A, A.stride(0), A.stride(1), B, B.stride(0), B.stride(1), R, R.stride(0), C, C.stride(0), score,
         d_out, d_in, rw, rm, beta, alpha1, alpha2, PAD_RW=_pad_rank(rw), PAD_RM=_pad_rank(rm), **tiles,
     )
-    k = _prune_count(sparsity, score.numel())
-    if k == 0:
-        thr = torch.full((), float("-inf"), device=dev, dtype=torch.float32)
-        idx = torch.full((), -1, device=dev, dtype=torch.int64)
-    else:
-        values, order = torch.sort(score.view(-1), stable=True)
-        thr, idx = values[k - 1].clone(), order[k - 1].clone()
+    thr, idx = _threshold(score, sparsity, sparsity_t)
     w_eff = torch.empty((d_out, d_in), device=dev, dtype=x.dtype)
     _masked_weight_kernel[grid](
         weight, weight.stride(0), weight.stride(1), U, U.stride(0), U.stride(1), V, V.stride(0), V.stride(1),
         score, thr, idx, w_eff, d_out, d_in, rw, beta, PAD_RW=_pad_rank(rw), **tiles,
     )
+    if sparsity_t is not None:  # a tensor sparsity outside [0, 1] (or NaN) cannot raise without a sync: NaN weight
+        bad = ~((sparsity_t >= 0) & (sparsity_t <= 1))
+        w_eff = torch.where(bad, torch.full_like(w_eff, float("nan")), w_eff)
     y = torch.empty((n, d_out), device=dev, dtype=x.dtype)
     _matmul(x, w_eff.t(), y, bias)
     return y, w_eff, score, thr, idx
 
 
 @_pst_forward.register_fake
-def _(x, weight, bias, U, V, A, B, R, C, sparsity, beta, alpha1, alpha2):
+def _(x, weight, bias, U, V, A, B, R, C, sparsity, sparsity_t, beta, alpha1, alpha2):
     d_out, d_in = weight.shape
     return (x.new_empty((x.shape[0], d_out)), x.new_empty((d_out, d_in)),
             x.new_empty((d_out, d_in), dtype=torch.float32), x.new_empty((), dtype=torch.float32),
@@ -402,7 +420,7 @@ def _(grad, x, weight, U, V, A, B, w_eff, score, thr, idx, beta, alpha1, alpha2,
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, U, V, A, B, R, C, sparsity, beta, alpha1, alpha2 = inputs
+    x, weight, bias, U, V, A, B, R, C, sparsity, sparsity_t, beta, alpha1, alpha2 = inputs
     _, w_eff, score, thr, idx = output
     ctx.save_for_backward(x, weight, U, V, A, B, w_eff, score, thr, idx)
     ctx.hyper = (beta, alpha1, alpha2)
@@ -414,7 +432,7 @@ def _backward(ctx, grad, *_unused):
     need_x = needs[0]
     need_params = any(needs[i] for i in (3, 4, 5, 6, 7, 8))
     if not (need_x or need_params):
-        return (None,) * 13
+        return (None,) * 14
     dx, du, dv, da, db, dr, dc = _pst_backward(grad, x, weight, U, V, A, B, w_eff, score, thr, idx, *ctx.hyper,
                                                need_x, need_params)
 
@@ -422,7 +440,7 @@ def _backward(ctx, grad, *_unused):
         return t if flag else None
 
     return (pick(need_x, dx), None, None, pick(needs[3], du), pick(needs[4], dv), pick(needs[5], da),
-            pick(needs[6], db), pick(needs[7], dr), pick(needs[8], dc), None, None, None, None)
+            pick(needs[6], db), pick(needs[7], dr), pick(needs[8], dc), None, None, None, None, None)
 
 
 _pst_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -465,6 +483,11 @@ def pst_sparse_linear(x, weight, bias, U, V, A, B, R, C, *, sparsity, beta=1.0, 
     Same arguments and semantics as `twinops.reference.layers.pst.pst_sparse_linear`; returns x's
     dtype. ``weight`` and ``bias`` are frozen (a ``ValueError`` if they require grad); x, U, V, A, B,
     R and C get the straight-through gradients.
+
+    ``sparsity`` may also be a 0-d floating tensor (read in float64; pass float64 for the float's
+    exact k): k is then computed on the device, so a schedule that changes it every step neither
+    synchronises nor recompiles under ``torch.compile``. Such a tensor is not range-checked on the
+    host; a value outside [0, 1] or NaN makes the output NaN.
     """
     rt.check_float_tensor(weight, "weight", 2, "(d_out, d_in)")
     d_out, d_in = weight.shape
@@ -485,7 +508,16 @@ def pst_sparse_linear(x, weight, bias, U, V, A, B, R, C, *, sparsity, beta=1.0, 
     _check_factor_pair(A, B, "A", "B", d_out, d_in, dtype)
     _check_vector(R, "R", d_out, "d_out", dtype)
     _check_vector(C, "C", d_in, "d_in", dtype)
-    sparsity = check_real(sparsity, "sparsity", low=0.0, high=1.0)
+    sparsity_t = None
+    if isinstance(sparsity, torch.Tensor):
+        if sparsity.ndim != 0 or not sparsity.is_floating_point():
+            raise ValueError(f"sparsity must be a real number or a 0-d floating tensor, got a {sparsity.dtype} "
+                             f"tensor of shape {tuple(sparsity.shape)}")
+        if sparsity.requires_grad:
+            raise ValueError("sparsity is not differentiable; pass sparsity.detach()")
+        sparsity_t, sparsity = sparsity.to(device=x.device), 0.0
+    else:
+        sparsity = check_real(sparsity, "sparsity", low=0.0, high=1.0)
     beta = check_real(beta, "beta")
     alpha1 = check_real(alpha1, "alpha1")
     alpha2 = check_real(alpha2, "alpha2")
@@ -495,14 +527,15 @@ def pst_sparse_linear(x, weight, bias, U, V, A, B, R, C, *, sparsity, beta=1.0, 
     rt.check_device(("x", x), ("weight", weight), ("bias", bias), ("U", U), ("V", V), ("A", A), ("B", B),
                     ("R", R), ("C", C))
     rows = x.reshape(-1, d_in)
-    y = _pst_forward(rows, weight, bias, U, V, A, B, R, C, sparsity, beta, alpha1, alpha2)[0]
+    y = _pst_forward(rows, weight, bias, U, V, A, B, R, C, sparsity, sparsity_t, beta, alpha1, alpha2)[0]
     return y.reshape(tuple(x.shape[:-1]) + (d_out,))
 
 
 class PSTSparseLinear(torch.nn.Module):
     """Drop-in ``nn.Linear`` replacement trained with PST: a frozen ``weight`` (d_out, d_in) and
-    ``bias``, trainable U (N(0, 1)), V (0), A (N(0, 1)), B (0), R (0), C (0). ``sparsity`` is an
-    attribute the training loop sets each step (e.g. from `cubic_sparsity_schedule`); the module
+    ``bias``, trainable U (N(0, 1)), V (0), A (N(0, 1)), B (0), R (0), C (0). ``sparsity`` is a
+    0-d float64 buffer the training loop sets each step with `set_sparsity` (e.g. from
+    `cubic_sparsity_schedule`), so a compiled model does not recompile as it changes; the module
     behaves the same in train and eval mode. `masked_weight()` gives the weight to export."""
 
     def __init__(self, in_features, out_features, bias=True, *, rank_weight=8, rank_mask=8, beta=1.0, alpha1=1.0,
@@ -517,7 +550,8 @@ class PSTSparseLinear(torch.nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.in_features, self.out_features = in_features, out_features
         self.beta, self.alpha1, self.alpha2 = check_real(beta, "beta"), check_real(alpha1, "alpha1"), check_real(alpha2, "alpha2")
-        self.sparsity = check_real(sparsity, "sparsity", low=0.0, high=1.0)
+        sparsity = check_real(sparsity, "sparsity", low=0.0, high=1.0)
+        self.register_buffer("sparsity", torch.tensor(sparsity, dtype=torch.float64, device=device))
         ref = torch.nn.Linear(in_features, out_features, bias=bias, **kw)  # nn.Linear's initialisation
         self.weight = torch.nn.Parameter(ref.weight.detach(), requires_grad=False)
         self.bias = torch.nn.Parameter(ref.bias.detach(), requires_grad=False) if bias else None
@@ -539,6 +573,14 @@ class PSTSparseLinear(torch.nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
+    @torch.no_grad()
+    def set_sparsity(self, value) -> None:
+        """Set the share of weights to prune, in [0, 1] (a float, or a 0-d tensor on the device)."""
+        if isinstance(value, torch.Tensor):
+            self.sparsity.copy_(value)
+        else:
+            self.sparsity.fill_(check_real(value, "sparsity", low=0.0, high=1.0))
+
     def forward(self, x):
         return pst_sparse_linear(x, self.weight, self.bias, self.U, self.V, self.A, self.B, self.R, self.C,
                                  sparsity=self.sparsity, beta=self.beta, alpha1=self.alpha1, alpha2=self.alpha2)
@@ -554,7 +596,7 @@ class PSTSparseLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"rank_weight={self.U.shape[1]}, rank_mask={self.A.shape[1]}, beta={self.beta}, "
-                f"alpha1={self.alpha1}, alpha2={self.alpha2}, sparsity={self.sparsity}")
+                f"alpha1={self.alpha1}, alpha2={self.alpha2}")
 
 
 def cubic_sparsity_schedule(step, total_steps, *, initial_sparsity=0.0, final_sparsity=0.9, initial_warmup=0.1,
