@@ -12,7 +12,8 @@ from twinops.reference.layers.pyra_token_merge import bipartite_match
 from twinops.reference.layers.pyra_token_merge import pyra_token_merge as ref
 from twinops.reference.layers.pyra_token_merge import pyra_token_merge_grad as ref_grad
 
-acc_mod = importlib.import_module("twinops.accelerated.layers.pyra_token_merge")  # the package exports a function of the same name
+# The package exports a function of the same name: reach the module through importlib.
+acc_mod = importlib.import_module("twinops.accelerated.layers.pyra_token_merge")
 acc = acc_mod.pyra_token_merge
 PyraTokenMerge = acc_mod.PyraTokenMerge
 

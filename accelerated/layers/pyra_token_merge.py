@@ -1,7 +1,8 @@
 """PYRA token merging (P20) as Triton kernels. See `twinops.reference.layers.pyra_token_merge` for the
 definition and every choice of semantics.
 
-Four launches per forward, three per backward; nothing of size (T/2) x (T/2) is ever stored.
+Four launches per forward, two (three with parameter gradients, counting the small host sums) per
+backward; nothing of size (T/2) x (T/2) is ever stored.
 
 1. ``_match_kernel``, grid (N, A / BLOCK_A): a program owns BLOCK_A tokens of set A (the even tokens)
    of one image and sweeps set B (the odd tokens) in BLOCK_B tiles. ``tl.dot`` forms the key products
@@ -9,10 +10,13 @@ Four launches per forward, three per backward; nothing of size (T/2) x (T/2) is 
    both norms, and a running (max, argmax) keeps the best partner: a later tile replaces it only when
    strictly larger, and ``tl.argmax`` breaks ties to the left, so ties go to the lowest index. Writes
    node_max (N, A) fp32 and node_idx (N, A) int32. A non-finite key makes its row's node_max NaN.
-2. On the host (small (N, T) integer work, no synchronisation): a stable descending ``torch.sort`` of
-   node_max ranks the A tokens; the first r are the sources. Index maps, all int32: ``src_tok`` (N, r)
-   and ``dst_tok`` (N, r) (token indices of each pair, in rank order), ``dst_pos`` (N, r) (the output
-   position of each pair's destination) and ``out_tok`` (N, T - r) (the input token of each output).
+2. ``_rank_kernel``, grid (N,): the stable descending sort of node_max as a rank count,
+   rank_i = #{j : s_j > s_i or (s_j = s_i and j < i)} (A^2 / 2 comparisons per image, in BLOCK_RANK
+   tiles; about 10^4 at ViT-B). Ranks below r are the sources; the kernel writes the index maps, all
+   int32: ``src_tok`` (N, r) and ``dst_tok`` (N, r) (token indices of each pair, in rank order),
+   ``dst_pos`` (N, r) (the output position of each pair's destination), ``out_tok`` (N, T - r) (the input
+   token of each output; with a class token the unmerged tokens go in index order, position
+   i - #{sources below i}), and a per-image flag for non-finite keys.
 3. ``_pair_stats_kernel``, grid (N, r / BLOCK_R): per pair, LayerNorm statistics of P = S + D (two
    passes over C: the mean, then centred moments) and the per-pair gate w2 = 2 sigma(Y . b) - 1, with
    Y . b = rstd sum_c (P - mean) gamma b + sum_c beta b. Writes (3, N, r) fp32: mean, rstd, w2.
@@ -30,8 +34,8 @@ G_k = Gd[dst_pos_k]: dw1_c = sum_k G S w2, du = dw1 w1 (1 - w1 / 2) (complete pe
 dw2_k = sum_c G S w1 and dv = dw2 (1 + w2)(1 - w2) / 2 need all channels, and so do the LayerNorm
 backward's two means. ``_bwd_partials_kernel`` (grid (N, C / BLOCK_C)) writes per chunk the partial
 sums sum_c G S w1, sum_c Y du, sum_c gamma du Yhat and sum_c gamma b Yhat (per pair) and
-sum_c gamma du (per image); the host adds the chunks ((N, chunks, 5, R) fp32). ``_bwd_kernel``
-(same grid) recomputes the chunk, forms dY = a_k du_c + b_c dv_k and
+sum_c gamma du (per image), (N, chunks, 5, R) fp32. ``_bwd_kernel`` (same grid) adds the chunks' sums
+in a fixed order (deterministic), recomputes the chunk, forms dY = a_k du_c + b_c dv_k and
 dP = rstd (gamma dY - mean_c(gamma dY) - Yhat mean_c(gamma dY Yhat)), where the means come from the
 partial sums, writes the sources' dx = m (G_k (1 + w1 w2) + dP) and every other token's
 dx = m (Gd + one-hot @ dP), and per-image partial gradients of b, gamma and beta ((3, N, C) fp32,
@@ -63,10 +67,10 @@ def _blocks(c: int, ck: int, r: int) -> dict:
     r_block = max(16, triton.next_power_of_2(max(r, 1)))
     if rt.interpreting():
         return dict(BLOCK_A=16, BLOCK_B=16, BLOCK_K=16, BLOCK_R=16, BLOCK_C=16, BLOCK_T=16, R_BLOCK=r_block,
-                    num_warps=1)
+                    BLOCK_RANK=16, num_warps=1)
     block_c = 64 if r_block <= 32 else 32
     return dict(BLOCK_A=64, BLOCK_B=64, BLOCK_K=64, BLOCK_R=16, BLOCK_C=block_c, BLOCK_T=32, R_BLOCK=r_block,
-                num_warps=4)
+                BLOCK_RANK=64, num_warps=4)
 
 
 @triton.jit
@@ -76,7 +80,7 @@ def _sigmoid(z):
 
 @triton.jit
 def _match_kernel(
-    k_ptr, stride_kn, stride_kt, stride_kc,   # (N, T, C_k) keys; element (i, t, c) at i*stride_kn + t*stride_kt + c*stride_kc
+    k_ptr, stride_kn, stride_kt, stride_kc,   # (N, T, C_k) keys, (i, t, c) at i*stride_kn + t*stride_kt + c*stride_kc
     max_ptr, idx_ptr,                         # out (N, A) fp32 best score / int32 best B index, contiguous
     T, CK, NA, NB,                            # tokens, key width, |A| = ceil(T/2), |B| = floor(T/2)
     CLASS_TOKEN: tl.constexpr, DISTILL_TOKEN: tl.constexpr,
@@ -129,6 +133,85 @@ def _match_kernel(
     out = img * NA + a_ids
     tl.store(max_ptr + out, tl.where(bad > 0, float("nan"), best), mask=a_ok)
     tl.store(idx_ptr + out, best_idx, mask=a_ok)
+
+
+@triton.jit
+def _rank_kernel(
+    max_ptr, idx_ptr,                         # (N, A) fp32 best score, int32 best B index (from _match_kernel)
+    src_ptr, dst_ptr, dst_pos_ptr,            # out (N, R) int32: source token, destination token, its output position
+    out_tok_ptr,                              # out (N, T_out) int32: input token of each output position
+    bad_ptr,                                  # out (N,) int32: 1 where a score was NaN (non-finite keys)
+    NA, NB, R, T_OUT,
+    CLASS_TOKEN: tl.constexpr, DISTILL_TOKEN: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    img = tl.program_id(0).to(tl.int64)
+    row = max_ptr + img * NA
+    n_unm = NA - R
+    # The stable descending sort as a rank count: rank_i = #{j : s_j > s_i, or s_j == s_i and j < i}.
+    # NaN ranks as -inf (the image is poisoned anyway) so the ranks stay a permutation.
+    thr_key = tl.zeros((), tl.float32)  # (score, index) of rank R - 1: the weakest source
+    thr_idx = tl.zeros((), tl.int64)
+    any_bad = tl.zeros((), tl.int32)
+    for i0 in range(0, NA, BLOCK_A):
+        ii = i0 + tl.arange(0, BLOCK_A).to(tl.int64)
+        i_ok = ii < NA
+        si = tl.load(row + ii, mask=i_ok, other=float("-inf"))
+        any_bad = tl.maximum(any_bad, tl.max(((si != si) & i_ok).to(tl.int32), axis=0))
+        si = tl.where(si == si, si, float("-inf"))
+        rank = tl.zeros((BLOCK_A,), tl.int32)
+        for j0 in range(0, NA, BLOCK_A):
+            jj = j0 + tl.arange(0, BLOCK_A).to(tl.int64)
+            sj = tl.load(row + jj, mask=jj < NA, other=float("-inf"))
+            sj = tl.where(sj == sj, sj, float("-inf"))
+            before = ((sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (jj[None, :] < ii[:, None]))) \
+                & (jj[None, :] < NA)
+            rank += tl.sum(before.to(tl.int32), axis=1)
+        is_src = i_ok & (rank < R)
+        partner = tl.load(idx_ptr + img * NA + ii, mask=i_ok, other=0).to(tl.int64)
+        if DISTILL_TOKEN:
+            pos = tl.where(partner == 0, 1, n_unm + partner)
+        else:
+            pos = n_unm + partner
+        tl.store(src_ptr + img * R + rank, (2 * ii).to(tl.int32), mask=is_src)
+        tl.store(dst_ptr + img * R + rank, (2 * partner + 1).to(tl.int32), mask=is_src)
+        tl.store(dst_pos_ptr + img * R + rank, pos.to(tl.int32), mask=is_src)
+        last = i_ok & (rank == R - 1)
+        thr_key += tl.sum(tl.where(last, si, 0.0), axis=0)
+        thr_idx += tl.sum(tl.where(last, ii, 0), axis=0)
+        if not CLASS_TOKEN:  # unmerged tokens keep the ranking order
+            upos = rank - R
+            if DISTILL_TOKEN:
+                upos = tl.where(upos == 0, 0, upos + 1)
+            tl.store(out_tok_ptr + img * T_OUT + upos, (2 * ii).to(tl.int32), mask=i_ok & (rank >= R))
+    if CLASS_TOKEN:
+        # Unmerged tokens in index order: position = i - #{sources j < i}; j is a source when (s_j, -j)
+        # ranks at or above the weakest source.
+        for i0 in range(0, NA, BLOCK_A):
+            ii = i0 + tl.arange(0, BLOCK_A).to(tl.int64)
+            i_ok = ii < NA
+            si = tl.load(row + ii, mask=i_ok, other=float("-inf"))
+            si = tl.where(si == si, si, float("-inf"))
+            src_i = (si > thr_key) | ((si == thr_key) & (ii <= thr_idx))
+            below = tl.zeros((BLOCK_A,), tl.int32)
+            for j0 in range(0, NA, BLOCK_A):
+                jj = j0 + tl.arange(0, BLOCK_A).to(tl.int64)
+                sj = tl.load(row + jj, mask=jj < NA, other=float("-inf"))
+                sj = tl.where(sj == sj, sj, float("-inf"))
+                src_j = ((sj > thr_key) | ((sj == thr_key) & (jj <= thr_idx))) & (jj < NA)
+                below += tl.sum((src_j[None, :] & (jj[None, :] < ii[:, None])).to(tl.int32), axis=1)
+            upos = ii - below
+            if DISTILL_TOKEN:
+                upos = tl.where(upos == 0, 0, upos + 1)
+            tl.store(out_tok_ptr + img * T_OUT + upos, (2 * ii).to(tl.int32), mask=i_ok & ~src_i)
+    # Set B, in index order after the unmerged tokens (B[0] second with a distillation token).
+    for j0 in range(0, NB, BLOCK_A):
+        jj = j0 + tl.arange(0, BLOCK_A).to(tl.int64)
+        if DISTILL_TOKEN:
+            pos = tl.where(jj == 0, 1, n_unm + jj)
+        else:
+            pos = n_unm + jj
+        tl.store(out_tok_ptr + img * T_OUT + pos, (2 * jj + 1).to(tl.int32), mask=jj < NB)
+    tl.store(bad_ptr + img, any_bad)
 
 
 @triton.jit
@@ -305,11 +388,10 @@ def _bwd_kernel(
     a_ptr, stride_a, b_ptr, stride_b, g_ptr, stride_g, beta_ptr, stride_beta, stats_ptr,
     go_ptr, stride_gn, stride_gt, stride_gc,  # (N, T_out, C) upstream gradient
     ms_ptr,                                   # (N, T_out) merged sizes
-    sums_ptr,                                 # (N, 5, R_BLOCK) fp32: the partial sums added over chunks
-    gb_ptr,                                   # (C,) fp32: sum_c gamma_c b_c
+    part_ptr,                                 # (N, CHUNKS, 5, R_BLOCK) fp32 partial sums of _bwd_partials_kernel
     dx_ptr, stride_dn, stride_dt, stride_dc,  # out (N, T, C) in x's dtype
     dpar_ptr,                                 # out (3, N, C) fp32 per-image gradients of b, gamma, beta
-    N, R, C, T_OUT,
+    N, R, C, T_OUT, CHUNKS,
     R_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, WANT_X: tl.constexpr,
     WANT_PARAMS: tl.constexpr,
 ):
@@ -326,12 +408,22 @@ def _bwd_kernel(
     gk = gk / tl.load(ms_ptr + img * T_OUT + pos, mask=p_ok, other=1.0).to(tl.float32)[:, None]
     dw1 = tl.sum(gk * s * w2[:, None], axis=0)
     du = dw1 * w1 * (1.0 - 0.5 * w1)
-    sums = sums_ptr + img * 5 * R_BLOCK + pairs
-    dw2 = tl.load(sums)
-    q1 = tl.load(sums + 2 * R_BLOCK)   # sum_c gamma du Yhat_k
-    q2 = tl.load(sums + 3 * R_BLOCK)   # sum_c gamma b Yhat_k
-    q0 = tl.load(sums + 4 * R_BLOCK)   # sum_c gamma du
-    gb = tl.load(gb_ptr)
+    # The channel sums, added over the chunks in a fixed order (deterministic), and sum_c gamma_c b_c.
+    dw2 = tl.zeros((R_BLOCK,), tl.float32)
+    q1 = tl.zeros((R_BLOCK,), tl.float32)  # sum_c gamma du Yhat_k
+    q2 = tl.zeros((R_BLOCK,), tl.float32)  # sum_c gamma b Yhat_k
+    q0 = tl.zeros((R_BLOCK,), tl.float32)  # sum_c gamma du (the same for every pair)
+    gb = tl.zeros((BLOCK_C,), tl.float32)
+    for ch in range(0, CHUNKS):
+        part = part_ptr + ((img * CHUNKS + ch) * 5) * R_BLOCK + pairs
+        dw2 += tl.load(part)
+        q1 += tl.load(part + 2 * R_BLOCK)
+        q2 += tl.load(part + 3 * R_BLOCK)
+        q0 += tl.load(part + 4 * R_BLOCK)
+        cc = ch * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+        gb += tl.load(g_ptr + cc * stride_g, mask=cc < C, other=0.0).to(tl.float32) \
+            * tl.load(b_ptr + cc * stride_b, mask=cc < C, other=0.0).to(tl.float32)
+    gb = tl.sum(gb, axis=0)
     dv = tl.where(p_ok, dw2 * (1.0 + w2) * (1.0 - w2) * 0.5, 0.0)
     bb = tl.load(b_ptr + cs * stride_b, mask=c_ok, other=0.0).to(tl.float32)
     dy = tl.where(msk, aa[:, None] * du[None, :] + bb[None, :] * dv[:, None], 0.0)
@@ -369,27 +461,6 @@ def _bwd_kernel(
 # ------------------------------------------------------------------------------------------------- host side
 
 
-def _index_maps(node_max, node_idx, t: int, r: int, class_token: bool, distill_token: bool):
-    """src_tok, dst_tok, dst_pos (N, r) and out_tok (N, T - r), int32, from the matching (no sync)."""
-    n, na = node_max.shape
-    order = torch.sort(node_max, dim=1, descending=True, stable=True).indices
-    src_a, unm_a = order[:, :r], order[:, r:]
-    if class_token:
-        unm_a = torch.sort(unm_a, dim=1).values
-    dst_b = torch.gather(node_idx.long(), 1, src_a)
-    b_tok = (2 * torch.arange(t // 2, device=node_max.device) + 1).expand(n, t // 2)
-    unm_tok = 2 * unm_a
-    n_unm = na - r
-    if distill_token:
-        out_tok = torch.cat([unm_tok[:, :1], b_tok[:, :1], unm_tok[:, 1:], b_tok[:, 1:]], dim=1)
-        dst_pos = torch.where(dst_b == 0, torch.ones_like(dst_b), n_unm + dst_b)
-    else:
-        out_tok = torch.cat([unm_tok, b_tok], dim=1)
-        dst_pos = n_unm + dst_b
-    to32 = lambda v: v.to(torch.int32).contiguous()  # noqa: E731
-    return to32(2 * src_a), to32(2 * dst_b + 1), to32(dst_pos), to32(out_tok)
-
-
 @torch.library.custom_op("twinops::pyra_token_merge", mutates_args=())
 def _pyra_fwd(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
               ln_weight: torch.Tensor, ln_bias: torch.Tensor, r: int, class_token: bool, distill_token: bool,
@@ -405,14 +476,18 @@ def _pyra_fwd(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, a: torc
         metric, metric.stride(0), metric.stride(1), metric.stride(2), node_max, node_idx, t, ck, na, nb,
         CLASS_TOKEN=class_token, DISTILL_TOKEN=distill_token, BLOCK_A=cfg["BLOCK_A"], BLOCK_B=cfg["BLOCK_B"],
         BLOCK_K=cfg["BLOCK_K"], PRECISION=rt.dot_precision(metric.dtype), num_warps=cfg["num_warps"])
-    bad = torch.isnan(node_max).any(dim=1).to(torch.int32)
-    src_tok, dst_tok, dst_pos, out_tok = _index_maps(node_max, node_idx, t, r, class_token, distill_token)
+    t_out = t - r
+    i32 = dict(device=x.device, dtype=torch.int32)
+    src_tok, dst_tok, dst_pos = (torch.empty((n, r), **i32) for _ in range(3))
+    out_tok, bad = torch.empty((n, t_out), **i32), torch.empty((n,), **i32)
+    _rank_kernel[(n,)](node_max, node_idx, src_tok, dst_tok, dst_pos, out_tok, bad, na, nb, r, t_out,
+                       CLASS_TOKEN=class_token, DISTILL_TOKEN=distill_token, BLOCK_A=cfg["BLOCK_RANK"],
+                       num_warps=cfg["num_warps"])
     stats = torch.empty((3, n, r), device=x.device, dtype=torch.float32)
     _pair_stats_kernel[(n, triton.cdiv(r, cfg["BLOCK_R"]))](
         x, x.stride(0), x.stride(1), x.stride(2), size, size.stride(0), size.stride(1), src_tok, dst_tok,
         b, b.stride(0), ln_weight, ln_weight.stride(0), ln_bias, ln_bias.stride(0), stats, n, r, c, eps,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
-    t_out = t - r
     y = torch.empty((n, t_out, c), device=x.device, dtype=x.dtype)
     new_size = torch.empty((n, t_out), device=x.device, dtype=size.dtype)
     _merge_kernel[(n, triton.cdiv(c, cfg["BLOCK_C"]))](
@@ -450,17 +525,16 @@ def _pyra_bwd(grad: torch.Tensor, x: torch.Tensor, size: torch.Tensor, a: torch.
     gstr = (grad, grad.stride(0), grad.stride(1), grad.stride(2))
     _bwd_partials_kernel[(n, chunks)](*common, dst_pos, *params, *gstr, new_size, part, n, r, c, t_out, chunks,
                                       R_BLOCK=rb, BLOCK_C=bc, num_warps=cfg["num_warps"])
-    sums = part.sum(dim=1).contiguous()  # (N, 5, R_BLOCK)
-    gb = (ln_weight.float() * b.float()).sum().reshape(1)
     dx = torch.empty((n, t, c), device=x.device, dtype=x.dtype) if want_x else x.new_empty((0, 0, 0))
     dpar = torch.empty((3, n, c), device=x.device, dtype=torch.float32) if want_params else \
         x.new_empty((3, 0, 0), dtype=torch.float32)
     dx_arg = dx if want_x else x
-    _bwd_kernel[(n, chunks)](*common, dst_pos, out_tok, *params, *gstr, new_size, sums, gb,
+    _bwd_kernel[(n, chunks)](*common, dst_pos, out_tok, *params, *gstr, new_size, part,
                              dx_arg, dx_arg.stride(0), dx_arg.stride(1), dx_arg.stride(2), dpar, n, r, c, t_out,
+                             chunks,
                              R_BLOCK=rb, BLOCK_C=bc, BLOCK_T=cfg["BLOCK_T"], WANT_X=want_x,
                              WANT_PARAMS=want_params, num_warps=cfg["num_warps"])
-    da = sums[:, 1, :r].sum(dim=0)
+    da = part[:, :, 1, :r].sum(dim=(0, 1))
     return dx, da, dpar.sum(dim=1)
 
 
