@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._checks import as_float_array, as_int_array, check_bool, check_real
+from .._checks import as_float_array, as_int_array, check_bool, check_int, check_real
 
 __all__ = ["nested_dropout", "nested_dropout_grad", "nested_dropout_cutoff_probs"]
 
@@ -84,8 +84,9 @@ def nested_dropout_grad(grad, x, k, *, training=True):
 def nested_dropout_cutoff_probs(d, *, sigma):
     """P(k) for k = 1..D (a (D,) array summing to 1): the authors' discretised half-Gaussian
     $\\propto \\exp(-(k/\\sigma)^2)$. ``sigma`` > 0 (their ``--nested``; 0 there disables the layer)."""
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-        raise ValueError(f"d must be a positive int, got {d!r}")
+    d = check_int(d, "d")
+    if d < 1:
+        raise ValueError(f"d must be >= 1, got {d}")
     sigma = check_real(sigma, "sigma", low=0.0, low_open=True)
     logits = -((np.arange(1, d + 1, dtype=np.float64) / sigma) ** 2)
     p = np.exp(logits - logits.max())
