@@ -26,7 +26,8 @@ B0, one program per (sample n, block of BLOCK_C channels):
               partials; the per-channel sum for a_c is a sum over N on the host; kernel 2: dx.
 Byte model (the spec's): forward reads x and writes y; backward reads x and grad, writes dx. The
 second sweep over a group or channel re-reads x (and grad); at the benchmark shape one (n, g) group
-is 50 KB and comes back from L2.
+is 50 KB (bf16), small enough to be served from L2 between the sweeps while a few programs per SM
+are in flight. Not yet measured on a GPU: the block sizes below are untuned.
 Extra memory: O(N G) (S0) or O(N C) (B0) fp32 statistics and partial sums.
 """
 
