@@ -106,8 +106,10 @@ def _low_rank_tile(
     """(P Q)[os, is_] in fp32: the rank padded with zeros to PAD_R, exact fp32 products."""
     ks = tl.arange(0, PAD_R)
     k_ok = ks < RANK
-    p = tl.load(p_ptr + os[:, None] * stride_po + ks[None, :] * stride_pr, mask=o_ok[:, None] & k_ok[None, :], other=0.0)
-    q = tl.load(q_ptr + ks[:, None] * stride_qr + is_[None, :] * stride_qi, mask=k_ok[:, None] & i_ok[None, :], other=0.0)
+    p = tl.load(p_ptr + os[:, None] * stride_po + ks[None, :] * stride_pr,
+                mask=o_ok[:, None] & k_ok[None, :], other=0.0)
+    q = tl.load(q_ptr + ks[:, None] * stride_qr + is_[None, :] * stride_qi,
+                mask=k_ok[:, None] & i_ok[None, :], other=0.0)
     return tl.dot(p.to(tl.float32), q.to(tl.float32), input_precision="ieee")
 
 
@@ -120,7 +122,8 @@ def _w_prime_tile(
     PAD_RW: tl.constexpr,
 ):
     """W' = W + beta U V on one tile, fp32 (zero outside the matrix)."""
-    w = tl.load(w_ptr + os[:, None] * stride_wo + is_[None, :] * stride_wi, mask=o_ok[:, None] & i_ok[None, :], other=0.0)
+    w = tl.load(w_ptr + os[:, None] * stride_wo + is_[None, :] * stride_wi,
+                mask=o_ok[:, None] & i_ok[None, :], other=0.0)
     uv = _low_rank_tile(u_ptr, stride_uo, stride_ur, v_ptr, stride_vr, stride_vi, os, is_, o_ok, i_ok, RANK_W, PAD_RW)
     return w.to(tl.float32) + beta * uv
 
@@ -221,8 +224,10 @@ def _matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = ks < K
-        a = tl.load(a_ptr + ms[:, None] * stride_am + ks[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + ks[:, None] * stride_bk + ns[None, :] * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + ms[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + ks[:, None] * stride_bk + ns[None, :] * stride_bn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ns * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -266,8 +271,10 @@ def _param_grad_kernel(
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         n_ok = ns < N
-        dy_t = tl.load(dy_ptr + ns[None, :] * stride_dyn + os[:, None] * stride_dyo, mask=o_ok[:, None] & n_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + ns[:, None] * stride_xn + is_[None, :] * stride_xi, mask=n_ok[:, None] & i_ok[None, :], other=0.0)
+        dy_t = tl.load(dy_ptr + ns[None, :] * stride_dyn + os[:, None] * stride_dyo,
+                       mask=o_ok[:, None] & n_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + ns[:, None] * stride_xn + is_[None, :] * stride_xi,
+                    mask=n_ok[:, None] & i_ok[None, :], other=0.0)
         g = tl.dot(dy_t, x, g, input_precision=PRECISION)
 
     # Straight-through epilogue: dS = W' * G, dW' = M * G + sign(W') * dS.
@@ -285,21 +292,29 @@ def _param_grad_kernel(
     # Contract into the rank-r factors: dU = beta dW' V^T, dV = beta U^T dW' (and A, B with dS).
     kw = tl.arange(0, PAD_RW).to(tl.int64)
     kw_ok = kw < RANK_W
-    v_t = tl.load(v_ptr + kw[None, :] * stride_vr + is_[:, None] * stride_vi, mask=i_ok[:, None] & kw_ok[None, :], other=0.0)
-    u_t = tl.load(u_ptr + os[None, :] * stride_uo + kw[:, None] * stride_ur, mask=kw_ok[:, None] & o_ok[None, :], other=0.0)
+    v_t = tl.load(v_ptr + kw[None, :] * stride_vr + is_[:, None] * stride_vi,   # V^T tile (BLOCK_I, PAD_RW)
+                  mask=i_ok[:, None] & kw_ok[None, :], other=0.0)
+    u_t = tl.load(u_ptr + os[None, :] * stride_uo + kw[:, None] * stride_ur,    # U^T tile (PAD_RW, BLOCK_O)
+                  mask=kw_ok[:, None] & o_ok[None, :], other=0.0)
     du = beta * tl.dot(d_wprime, v_t.to(tl.float32), input_precision="ieee")          # (BLOCK_O, PAD_RW)
     dv = beta * tl.dot(u_t.to(tl.float32), d_wprime, input_precision="ieee")          # (PAD_RW, BLOCK_I)
-    tl.store(du_ptr + pid_i * D_OUT * RANK_W + os[:, None] * RANK_W + kw[None, :], du, mask=o_ok[:, None] & kw_ok[None, :])
-    tl.store(dv_ptr + pid_o * RANK_W * D_IN + kw[:, None] * D_IN + is_[None, :], dv, mask=kw_ok[:, None] & i_ok[None, :])
+    tl.store(du_ptr + pid_i * D_OUT * RANK_W + os[:, None] * RANK_W + kw[None, :], du,
+             mask=o_ok[:, None] & kw_ok[None, :])
+    tl.store(dv_ptr + pid_o * RANK_W * D_IN + kw[:, None] * D_IN + is_[None, :], dv,
+             mask=kw_ok[:, None] & i_ok[None, :])
 
     km = tl.arange(0, PAD_RM).to(tl.int64)
     km_ok = km < RANK_M
-    b_t = tl.load(b_ptr + km[None, :] * stride_br + is_[:, None] * stride_bi, mask=i_ok[:, None] & km_ok[None, :], other=0.0)
-    a_t = tl.load(a_ptr + os[None, :] * stride_ao + km[:, None] * stride_ar, mask=km_ok[:, None] & o_ok[None, :], other=0.0)
+    b_t = tl.load(b_ptr + km[None, :] * stride_br + is_[:, None] * stride_bi,   # B^T tile (BLOCK_I, PAD_RM)
+                  mask=i_ok[:, None] & km_ok[None, :], other=0.0)
+    a_t = tl.load(a_ptr + os[None, :] * stride_ao + km[:, None] * stride_ar,    # A^T tile (PAD_RM, BLOCK_O)
+                  mask=km_ok[:, None] & o_ok[None, :], other=0.0)
     da = alpha1 * tl.dot(d_score, b_t.to(tl.float32), input_precision="ieee")         # (BLOCK_O, PAD_RM)
     db = alpha1 * tl.dot(a_t.to(tl.float32), d_score, input_precision="ieee")         # (PAD_RM, BLOCK_I)
-    tl.store(da_ptr + pid_i * D_OUT * RANK_M + os[:, None] * RANK_M + km[None, :], da, mask=o_ok[:, None] & km_ok[None, :])
-    tl.store(db_ptr + pid_o * RANK_M * D_IN + km[:, None] * D_IN + is_[None, :], db, mask=km_ok[:, None] & i_ok[None, :])
+    tl.store(da_ptr + pid_i * D_OUT * RANK_M + os[:, None] * RANK_M + km[None, :], da,
+             mask=o_ok[:, None] & km_ok[None, :])
+    tl.store(db_ptr + pid_o * RANK_M * D_IN + km[:, None] * D_IN + is_[None, :], db,
+             mask=km_ok[:, None] & i_ok[None, :])
 
     tl.store(dr_ptr + pid_i * D_OUT + os, alpha2 * tl.sum(d_score, axis=1), mask=o_ok)
     tl.store(dc_ptr + pid_o * D_IN + is_, alpha2 * tl.sum(d_score, axis=0), mask=i_ok)
@@ -559,7 +574,8 @@ class PSTSparseLinear(torch.nn.Module):
                                  f"[1, {min(in_features, out_features)}], got {r}")
         kw = dict(device=device, dtype=dtype)
         self.in_features, self.out_features = in_features, out_features
-        self.beta, self.alpha1, self.alpha2 = check_real(beta, "beta"), check_real(alpha1, "alpha1"), check_real(alpha2, "alpha2")
+        self.beta = check_real(beta, "beta")
+        self.alpha1, self.alpha2 = check_real(alpha1, "alpha1"), check_real(alpha2, "alpha2")
         sparsity = check_real(sparsity, "sparsity", low=0.0, high=1.0)
         self.register_buffer("sparsity", torch.tensor(sparsity, dtype=torch.float64, device=device))
         ref = torch.nn.Linear(in_features, out_features, bias=bias, **kw)  # nn.Linear's initialisation
