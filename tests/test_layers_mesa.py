@@ -245,3 +245,63 @@ def test_softmax_compiles_fullgraph_and_skips_codes_without_grad():
     assert _saved_bytes(lambda: A.mesa_softmax(x.detach(), rr, rm, groups=2)) == 0
     with pytest.raises(ValueError, match=r"\(B, H, N, M\)"):
         A.mesa_softmax(torch.zeros(2, 3, 4), torch.ones(1), torch.zeros(1))
+
+
+# ------------------------------------------------------------------------------ LayerNorm
+
+
+def test_layernorm_reference_matches_torch_forward_and_brute_force_gradient():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(3, 8))
+    w, b = rng.normal(size=8), rng.normal(size=8)
+    g = rng.normal(size=x.shape)
+    rr, rm = np.array([5.0, 5.0]), np.array([-2.5, -2.5])
+    y, _, _ = R.mesa_layernorm(x, w, b, rr, rm, groups=2)
+    ref = F.layer_norm(torch.tensor(x), (8,), torch.tensor(w), torch.tensor(b), 1e-5).numpy()
+    assert np.allclose(y, ref, atol=1e-12)
+    grads = R.mesa_layernorm_grad(g, x, w, b, rr, rm, groups=2)
+    q, nr, nm = R.mesa_quantize(x, rr, rm, groups=2)
+    x_hat = R.mesa_dequantize(q, nr, nm, groups=2)
+    mean = x.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    n_hat = (x_hat - mean) * rstd
+    c = 8
+    for i in range(3):  # the LayerNorm Jacobian with exact statistics and the dequantised normalised input
+        jac = rstd[i] * (np.eye(c) - 1.0 / c - np.outer(n_hat[i], n_hat[i]) / c)
+        assert np.allclose(grads["x"][i], jac.T @ (g[i] * w))
+    assert np.allclose(grads["weight"], (g * n_hat).sum(0)) and np.allclose(grads["bias"], g.sum(0))
+
+
+def test_layernorm_saves_at_most_55_percent_and_module():
+    torch.manual_seed(2)
+    x = torch.randn(64, 256)
+    plain = _saved_bytes(lambda: F.layer_norm(x.bfloat16().requires_grad_(True), (256,)))
+    m = A.MesaLayerNorm(256, groups=4, stochastic=False)
+    xr = x.clone().requires_grad_(True)
+    ours_all = _saved_bytes(lambda: m(xr))
+    ours = ours_all - 256 * 4  # the weight is saved by reference (a parameter, no activation memory)
+    assert ours == x.numel() + 8 * 64 + 8 * 4
+    assert plain >= 2 * x.numel() and ours <= 0.55 * plain, (ours, plain)
+    _, rr, rm = R.mesa_layernorm(x.double().numpy(), np.ones(256), np.zeros(256), np.zeros(4), np.zeros(4), groups=4,
+                                 first_step=True)
+    assert np.allclose(m.running_range.numpy(), rr, atol=1e-5) and np.allclose(m.running_min.numpy(), rm, atol=1e-5)
+    y = m.eval()(x)
+    assert torch.allclose(y, F.layer_norm(x, (256,)), atol=1e-5)
+
+
+def test_layernorm_compiles_fullgraph_and_grads_only_where_asked():
+    rng = np.random.default_rng(7)
+    x = torch.tensor(rng.normal(size=(5, 12)), dtype=torch.float32, requires_grad=True)
+    w = torch.ones(12, requires_grad=True)
+    b = torch.zeros(12)
+    rr, rm = torch.full((3,), 4.0), torch.full((3,), -2.0)
+    g = torch.randn(5, 12)
+    y, _, _ = A.mesa_layernorm(x, w, b, rr, rm, groups=3)
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    fn = torch.compile(lambda x, w, b: A.mesa_layernorm(x, w, b, rr, rm, groups=3), fullgraph=True,
+                       backend="aot_eager")
+    yc, _, _ = fn(x, w, b)
+    dxc, dwc = torch.autograd.grad(yc, (x, w), g)
+    assert torch.equal(y, yc) and torch.equal(dx, dxc) and torch.allclose(dw, dwc)
+    with pytest.raises(ValueError, match="weight"):
+        A.mesa_layernorm(x, torch.ones(11), b, rr, rm, groups=3)

@@ -20,7 +20,8 @@ import triton.language as tl
 from .. import _runtime as rt
 from . import mesa_quant as mq
 
-__all__ = ["mesa_quantize", "mesa_dequantize", "mesa_gelu", "mesa_softmax", "MesaGELU", "MesaSoftmax"]
+__all__ = ["mesa_quantize", "mesa_dequantize", "mesa_gelu", "mesa_softmax", "mesa_layernorm", "MesaGELU",
+           "MesaSoftmax", "MesaLayerNorm"]
 
 HAS_TRITON_BACKWARD = True
 
@@ -370,6 +371,247 @@ def mesa_softmax(x, running_range, running_min, noise=None, *, groups=1, momentu
     return y, new_range, new_min
 
 
+# ------------------------------------------------------------------------------- LayerNorm
+#
+# x viewed as (R, C) rows, normalised over C, groups over C (chunks of Cg = C / G columns).
+# Forward: the shared `_minmax_kernel` / `_state_kernel` on x, then `_layernorm_fwd_kernel` per row:
+#   mean, rstd (two passes over the row), y = (x - mean) rstd w + b, and the codes of x.
+# Backward: `_layernorm_dx_kernel` per row recomputes n_hat = (x_hat - mean) rstd from the codes and
+#   the exact saved mean / rstd; `_layernorm_dwdb_kernel` sums g n_hat and g over blocks of rows into
+#   (splits, C) fp32 partials that the host adds up (deterministic, extra memory splits * C).
+
+
+@triton.jit
+def _layernorm_fwd_kernel(
+    x_ptr, stride_r, stride_c,          # (R, C) input rows
+    u_ptr, u_stride_r, u_stride_c,      # rounding noise, read when HAS_NOISE
+    w_ptr, w_stride, b_ptr, b_stride,   # (C,) weight and bias
+    range_ptr, min_ptr,                 # (G,) fp32 state for this step
+    y_ptr, q_ptr,                       # out (R, C) contiguous: y (input dtype) and uint8 codes of x
+    mean_ptr, rstd_ptr,                 # out (R,) fp32
+    C, Cg, eps,
+    HAS_NOISE: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    row = x_ptr + r * stride_r
+    acc = tl.zeros((BLOCK_C,), tl.float32)
+    for start in range(0, C, BLOCK_C):
+        k = start + tl.arange(0, BLOCK_C)
+        acc += tl.load(row + k.to(tl.int64) * stride_c, mask=k < C, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / C
+    acc = tl.zeros((BLOCK_C,), tl.float32)
+    for start in range(0, C, BLOCK_C):
+        k = start + tl.arange(0, BLOCK_C)
+        x = tl.load(row + k.to(tl.int64) * stride_c, mask=k < C, other=0.0).to(tl.float32)
+        acc += tl.where(k < C, (x - mean) * (x - mean), 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / C + eps)
+    tl.store(mean_ptr + r, mean)
+    tl.store(rstd_ptr + r, rstd)
+    for start in range(0, C, BLOCK_C):
+        k = start + tl.arange(0, BLOCK_C)
+        live = k < C
+        x = tl.load(row + k.to(tl.int64) * stride_c, mask=live, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + k * w_stride, mask=live, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + k * b_stride, mask=live, other=0.0).to(tl.float32)
+        tl.store(y_ptr + r * C + k, ((x - mean) * rstd * w + b).to(y_ptr.dtype.element_ty), mask=live)
+        if WRITE_Q:
+            s, beta = mq.group_scale(range_ptr, min_ptr, tl.where(live, k // Cg, 0))
+            if HAS_NOISE:
+                u = tl.load(u_ptr + r * u_stride_r + k.to(tl.int64) * u_stride_c, mask=live,
+                            other=0.5).to(tl.float32)
+            else:
+                u = 0.5
+            v = tl.minimum(tl.maximum((x - beta) * s + (u - 0.5), 0.0), 255.0)
+            tl.store(q_ptr + r * C + k, mq.round_half_even(v).to(tl.uint8), mask=live)
+
+
+@triton.jit
+def _layernorm_dx_kernel(
+    q_ptr, range_ptr, min_ptr,          # (R, C) contiguous codes of x; (G,) fp32 state they were made with
+    g_ptr, g_stride_r, g_stride_c,      # (R, C) upstream gradient
+    w_ptr, w_stride,                    # (C,) weight
+    mean_ptr, rstd_ptr,                 # (R,) fp32 exact row statistics of the forward pass
+    dx_ptr,                             # out (R, C) contiguous
+    C, Cg,
+    BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    mean = tl.load(mean_ptr + r)
+    rstd = tl.load(rstd_ptr + r)
+    sum_gw = tl.zeros((BLOCK_C,), tl.float32)
+    sum_gwn = tl.zeros((BLOCK_C,), tl.float32)
+    for start in range(0, C, BLOCK_C):
+        k = start + tl.arange(0, BLOCK_C)
+        live = k < C
+        s, beta = mq.group_scale(range_ptr, min_ptr, tl.where(live, k // Cg, 0))
+        n_hat = (tl.load(q_ptr + r * C + k, mask=live, other=0).to(tl.float32) / s + beta - mean) * rstd
+        gw = tl.load(g_ptr + r * g_stride_r + k.to(tl.int64) * g_stride_c, mask=live, other=0.0).to(tl.float32) \
+            * tl.load(w_ptr + k * w_stride, mask=live, other=0.0).to(tl.float32)
+        sum_gw += gw
+        sum_gwn += tl.where(live, gw * n_hat, 0.0)
+    mean_gw = tl.sum(sum_gw, axis=0) / C
+    mean_gwn = tl.sum(sum_gwn, axis=0) / C
+    for start in range(0, C, BLOCK_C):
+        k = start + tl.arange(0, BLOCK_C)
+        live = k < C
+        s, beta = mq.group_scale(range_ptr, min_ptr, tl.where(live, k // Cg, 0))
+        n_hat = (tl.load(q_ptr + r * C + k, mask=live, other=0).to(tl.float32) / s + beta - mean) * rstd
+        gw = tl.load(g_ptr + r * g_stride_r + k.to(tl.int64) * g_stride_c, mask=live, other=0.0).to(tl.float32) \
+            * tl.load(w_ptr + k * w_stride, mask=live, other=0.0).to(tl.float32)
+        dx = rstd * (gw - mean_gw - n_hat * mean_gwn)
+        tl.store(dx_ptr + r * C + k, dx.to(dx_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _layernorm_dwdb_kernel(
+    q_ptr, range_ptr, min_ptr,          # as in _layernorm_dx_kernel
+    g_ptr, g_stride_r, g_stride_c,
+    mean_ptr, rstd_ptr,
+    dw_part_ptr, db_part_ptr,           # out (splits, C) fp32 partial sums of g n_hat and g
+    R, C, Cg, rows_per_split,
+    BLOCK_C: tl.constexpr,
+):
+    cb = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    k = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    live = k < C
+    s, beta = mq.group_scale(range_ptr, min_ptr, tl.where(live, k // Cg, 0))
+    dw = tl.zeros((BLOCK_C,), tl.float32)
+    db = tl.zeros((BLOCK_C,), tl.float32)
+    first = split * rows_per_split
+    for i in range(0, rows_per_split):
+        r = first + i
+        ok = live & (r < R)
+        n_hat = (tl.load(q_ptr + r * C + k, mask=ok, other=0).to(tl.float32) / s + beta - tl.load(
+            mean_ptr + r, mask=r < R, other=0.0)) * tl.load(rstd_ptr + r, mask=r < R, other=0.0)
+        gy = tl.load(g_ptr + r * g_stride_r + k.to(tl.int64) * g_stride_c, mask=ok, other=0.0).to(tl.float32)
+        dw += tl.where(ok, gy * n_hat, 0.0)
+        db += gy
+    tl.store(dw_part_ptr + split * C + k, dw, mask=live)
+    tl.store(db_part_ptr + split * C + k, db, mask=live)
+
+
+def _ln_block(c: int) -> int:
+    cap = 16 if rt.interpreting() else 1024
+    return max(16, min(cap, triton.next_power_of_2(c)))
+
+
+@torch.library.custom_op("twinops::mesa_layernorm_fwd", mutates_args=())
+def _layernorm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_range: torch.Tensor,
+                   running_min: torch.Tensor, noise: Optional[torch.Tensor], groups: int, eps: float,
+                   momentum: float, training: bool, first_step: bool, save: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    c = x.shape[-1]
+    x2 = x.reshape(-1, c)
+    rows = x2.shape[0]
+    new_range, new_min = mq.update_state(x2.unsqueeze(2), running_range, running_min, groups, momentum, training,
+                                         first_step)
+    y = torch.empty((rows, c), device=x.device, dtype=x.dtype)
+    q = torch.empty((rows, c) if save else (0,), device=x.device, dtype=torch.uint8)
+    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    u = noise.reshape(-1, c) if noise is not None else x2
+    _layernorm_fwd_kernel[(rows,)](
+        x2, x2.stride(0), x2.stride(1), u, u.stride(0), u.stride(1), weight, weight.stride(0), bias, bias.stride(0),
+        new_range, new_min, y, q, mean, rstd, c, c // groups, float(eps),
+        HAS_NOISE=noise is not None, WRITE_Q=save, BLOCK_C=_ln_block(c),
+    )
+    return y.reshape(x.shape), new_range, new_min, q.reshape(x.shape) if save else q, mean, rstd
+
+
+@_layernorm_fwd.register_fake
+def _(x, weight, bias, running_range, running_min, noise, groups, eps, momentum, training, first_step, save):
+    state = x.new_empty((groups,), dtype=torch.float32)
+    rows = x.numel() // x.shape[-1]
+    q = x.new_empty(x.shape if save else (0,), dtype=torch.uint8)
+    stat = x.new_empty((rows,), dtype=torch.float32)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), state, torch.empty_like(state), q, stat,
+            torch.empty_like(stat))
+
+
+@torch.library.custom_op("twinops::mesa_layernorm_bwd", mutates_args=())
+def _layernorm_bwd(grad: torch.Tensor, q: torch.Tensor, state_range: torch.Tensor, state_min: torch.Tensor,
+                   weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, groups: int, need_x: bool,
+                   need_params: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) at the dequantised input; empty tensors for those not asked for."""
+    c = q.shape[-1]
+    q2, g2 = q.reshape(-1, c), grad.reshape(-1, c)
+    rows = q2.shape[0]
+    block = _ln_block(c)
+    dx = torch.empty((rows, c) if need_x else (0,), device=q.device, dtype=grad.dtype)
+    if need_x:
+        _layernorm_dx_kernel[(rows,)](q2, state_range, state_min, g2, g2.stride(0), g2.stride(1), weight,
+                                      weight.stride(0), mean, rstd, dx, c, c // groups, BLOCK_C=block)
+    dw = weight.new_empty((0,))
+    db = weight.new_empty((0,))
+    if need_params:
+        per = 16 if rt.interpreting() else 64
+        splits = triton.cdiv(rows, per)
+        dw_part = torch.empty((splits, c), device=q.device, dtype=torch.float32)
+        db_part = torch.empty_like(dw_part)
+        _layernorm_dwdb_kernel[(triton.cdiv(c, block), splits)](
+            q2, state_range, state_min, g2, g2.stride(0), g2.stride(1), mean, rstd, dw_part, db_part, rows, c,
+            c // groups, per, BLOCK_C=block)
+        dw = dw_part.sum(0).to(weight.dtype)
+        db = db_part.sum(0).to(weight.dtype)
+    return dx.reshape(q.shape) if need_x else dx, dw, db
+
+
+@_layernorm_bwd.register_fake
+def _(grad, q, state_range, state_min, weight, mean, rstd, groups, need_x, need_params):
+    dx = grad.new_empty(q.shape if need_x else (0,))
+    n = weight.shape[0] if need_params else 0
+    return dx, weight.new_empty((n,)), weight.new_empty((n,))
+
+
+def _layernorm_setup(ctx, inputs, output):
+    ctx.groups = inputs[6]
+    ctx.save_for_backward(output[3], output[1], output[2], inputs[1], output[4], output[5])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _layernorm_backward(ctx, grad_y, *unused):
+    q, state_range, state_min, weight, mean, rstd = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    dx = dw = db = None
+    if grad_y is not None and (need_x or need_params):
+        dx, dw, db = _layernorm_bwd(grad_y, q, state_range, state_min, weight, mean, rstd, ctx.groups, need_x,
+                                    need_params)
+    return ((dx if need_x else None), (dw if ctx.needs_input_grad[1] else None),
+            (db if ctx.needs_input_grad[2] else None)) + (None,) * 9
+
+
+_layernorm_fwd.register_autograd(_layernorm_backward, setup_context=_layernorm_setup)
+
+
+def mesa_layernorm(x, weight, bias, running_range, running_min, noise=None, *, groups=1, eps=1e-5, momentum=0.1,
+                   training=True, first_step=False):
+    """Exact LayerNorm over the last axis that keeps only the 8-bit ``x`` (plus fp32 mean / rstd per
+    row) for backward.
+
+    Same arguments and semantics as `twinops.reference.layers.mesa.mesa_layernorm`; returns
+    ``(y, new_running_range, new_running_min)``. Gradients reach ``x``, ``weight`` and ``bias``,
+    evaluated at the dequantised input.
+    """
+    from ...reference._checks import check_real
+
+    x, rr, rm, noise, groups, momentum, training, first_step = _check_layer(
+        x, running_range, running_min, noise, groups, momentum, training, first_step)
+    c = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        rt.check_tensor(t, name)
+        if t.dtype not in rt.FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if tuple(t.shape) != (c,):
+            raise ValueError(f"{name} must have shape ({c},), got {tuple(t.shape)}")
+    rt.check_device(("x", x), ("weight", weight), ("bias", bias))
+    eps = check_real(eps, "eps", low=0.0, low_open=True)
+    y, new_range, new_min, *_ = _layernorm_fwd(x, weight, bias, rr, rm, noise, groups, eps, momentum, training,
+                                               first_step, _saves(x, weight, bias))
+    return y, new_range, new_min
+
+
 # ---------------------------------------------------------------------------------- modules
 
 
@@ -435,5 +677,24 @@ class MesaSoftmax(_MesaState):
 
     def forward(self, x):
         y, new_range, new_min = mesa_softmax(x, self.running_range, self.running_min, **self._step(x))
+        self._store(new_range, new_min)
+        return y
+
+
+class MesaLayerNorm(_MesaState):
+    """``nn.LayerNorm(normalized_shape)`` over the last axis (``weight`` ones, ``bias`` zeros, ``eps``
+    1e-5) that keeps only the 8-bit input (plus fp32 mean / rstd per row) for backward. ``groups``
+    divides the feature axis; buffers, ``momentum`` and ``stochastic`` as in `MesaGELU`."""
+
+    def __init__(self, normalized_shape: int, groups: int = 1, *, eps: float = 1e-5, momentum: float = 0.1,
+                 stochastic: bool = True, device=None, dtype=None):
+        super().__init__(groups, momentum, stochastic)
+        self.eps = float(eps)
+        self.weight = torch.nn.Parameter(torch.ones(int(normalized_shape), device=device, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(int(normalized_shape), device=device, dtype=dtype))
+
+    def forward(self, x):
+        y, new_range, new_min = mesa_layernorm(x, self.weight, self.bias, self.running_range, self.running_min,
+                                               eps=self.eps, **self._step(x))
         self._store(new_range, new_min)
         return y

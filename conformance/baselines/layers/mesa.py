@@ -103,3 +103,32 @@ class _SoftmaxGate(torch.autograd.Function):
         g = grad.float()
         dx = y_hat * (g - (g * y_hat).sum(dim=-1, keepdim=True))
         return dx.to(grad.dtype), None, None, None, None, None
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, q, new_range, new_min, groups, eps):
+        x32 = x.float()
+        mean = x32.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(x32.var(-1, unbiased=False, keepdim=True) + eps)
+        ctx.save_for_backward(q, new_range, new_min, weight, mean, rstd)
+        ctx.groups = groups
+        return ((x32 - mean) * rstd * weight.float() + bias.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, new_range, new_min, weight, mean, rstd = ctx.saved_tensors
+        n_hat = (_restore(q, new_range, new_min, ctx.groups, -1) - mean) * rstd
+        g = grad.float()
+        gw = g * weight.float()
+        dx = rstd * (gw - gw.mean(-1, keepdim=True) - n_hat * (gw * n_hat).mean(-1, keepdim=True))
+        lead = tuple(range(g.ndim - 1))
+        return (dx.to(grad.dtype), (g * n_hat).sum(lead).to(weight.dtype), g.sum(lead).to(weight.dtype),
+                None, None, None, None, None)
+
+
+def mesa_layernorm(x, weight, bias, running_range, running_min, noise=None, *, groups=1, eps=1e-5, momentum=0.1,
+                   training=True, first_step=False):
+    new_range, new_min = _state(x, running_range, running_min, groups, -1, momentum, training, first_step)
+    q = _codes(x, new_range, new_min, noise, groups, -1)
+    return _LayerNorm.apply(x, weight, bias, q, new_range, new_min, groups, eps), new_range, new_min

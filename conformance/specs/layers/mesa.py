@@ -432,4 +432,125 @@ SOFTMAX = Spec(
                  "quantises with the previous step's state": _stale_scale},
 )
 
-register(QUANTIZE, DEQUANTIZE, GELU, SOFTMAX)
+
+# ------------------------------------------------------------------------------- LayerNorm
+
+
+@st.composite
+def _layernorm_samples(draw, profile: str, dtype: str):
+    rank = draw(st.integers(2, 3))
+    c = draw(st.sampled_from((2, 4, 6, 12, 17, 33)))
+    shape = tuple(draw(st.sampled_from(SIZES[:6])) for _ in range(rank - 1)) + (c,)
+    rng, x, rr, rm, noise, kwargs = draw(_quant_case(dtype, shape, rank - 1))
+    w = round_to_dtype(rng.normal(size=c) * 0.5 + 1.0, dtype)
+    b = round_to_dtype(rng.normal(size=c) * 0.5, dtype)
+    eps = draw(st.sampled_from((1e-5, 1e-3, 0.1)))
+    layout = draw(st.sampled_from(("contiguous", "strided", "row_strided") + (("transposed",) if rank == 2 else ())))
+    return Sample(arrays={"x": x, "weight": w, "bias": b, "running_range": rr, "running_min": rm, "noise": noise},
+                  kwargs={**kwargs, "eps": eps},
+                  float_inputs=("x", "weight", "bias", "running_range", "running_min", "noise"),
+                  layouts={"x": layout, "weight": draw(st.sampled_from(("contiguous", "strided")))},
+                  grad_out=upstream_grad(rng, shape))
+
+
+def _layernorm_at_saved_input(values: dict, kwargs: dict):
+    """What the Mesa LayerNorm gradient differentiates: LayerNorm linearised at the dequantised input
+    with the exact row statistics, row by row
+    x, w, b -> w (n_hat + r (d - mean d - n_hat mean(n_hat d))) + b, d = x - x_0, n_hat = (x_hat_0 - mean) r
+    (n_hat and r are constants: the saved codes and the saved statistics)."""
+    x0 = values["x"]
+    axis = x0.ndim - 1
+    q, new_range, new_min, groups = R._prepare(x0, values["running_range"], values["running_min"], values.get("noise"),
+                                               kwargs.get("groups", 1), axis, kwargs.get("momentum", 0.1),
+                                               kwargs.get("training", True), kwargs.get("first_step", False))
+    mean, rstd = R._ln_stats(x0, kwargs.get("eps", 1e-5))
+    n_hat = (R._dequantize(q, new_range, new_min, groups, axis) - mean) * rstd
+
+    def f(x, weight, bias, **rest):
+        d = x - x0
+        lin = d - d.mean(axis=-1, keepdims=True) - n_hat * (n_hat * d).mean(axis=-1, keepdims=True)
+        return weight * (n_hat + rstd * lin) + bias
+
+    return f
+
+
+def _ln_bytes(arrays: dict, itemsize: int, direction: str) -> float:
+    """Forward: read x twice (group min / max, then the row kernel; its re-reads of a row hit the cache),
+    write y and the codes, 8 bytes of mean / rstd a row. Backward: read codes and upstream gradient
+    twice (dx and the weight / bias sums), write dx. Saved: n + 8 R + 8 G bytes against 2 n + 8 R (bf16)."""
+    shape = np.shape(arrays["x"])
+    n, rows = int(np.prod(shape)), int(np.prod(shape[:-1]))
+    fwd = 3 * n * itemsize + n + 8 * rows
+    bwd = 2 * (n + n * itemsize) + n * itemsize + 8 * rows
+    return float({"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction])
+
+
+def _ln_inputs(shape, groups):
+    def make(rng):
+        arrays, kw = _vit_inputs(shape, groups)(rng)
+        c = shape[-1]
+        arrays.update(weight=np.ones(c, np.float32) + 0.1 * rng.standard_normal(c, dtype=np.float32),
+                      bias=0.1 * rng.standard_normal(c, dtype=np.float32))
+        return arrays, kw
+
+    return make
+
+
+def _ln_exact_gradient(fn):
+    """The full-precision LayerNorm gradient (at x, not at the dequantised input)."""
+    import torch
+
+    def port(**kw):
+        y, new_range, new_min = fn(**kw)
+        x = kw["x"]
+        exact = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), kw["weight"].float(), kw["bias"].float(),
+                                               kw.get("eps", 1e-5)).to(y.dtype)
+        return y.detach() + (exact - exact.detach()), new_range, new_min
+
+    return lambda **kw: port(**kw) if torch.is_tensor(kw["x"]) else fn(**kw)
+
+
+def _ln_bad(arrays_change: dict, description: str, match: str):
+    x = np.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    base = {"x": x, "weight": np.ones(4), "bias": np.zeros(4), "running_range": np.ones(2), "running_min": np.zeros(2)}
+    return BadInput(description, _bad({**base, **arrays_change}, {"groups": 2}), ValueError, match)
+
+
+LAYERNORM = Spec(
+    name="mesa_layernorm",
+    paper=21,
+    family="layers",
+    summary="Mesa LayerNorm: exact LayerNorm forward; the backward recomputes the normalised input from the "
+            "8-bit saved x and the exact row mean / rstd.",
+    reference=f"{REF}:mesa_layernorm",
+    reference_grad=f"{REF}:mesa_layernorm_grad",
+    accelerated=f"{ACC}:mesa_layernorm",
+    baseline=f"{BASE}:mesa_layernorm",
+    samples=lambda profile, dtype: _layernorm_samples(profile, dtype),
+    grad_inputs=("x", "weight", "bias"),
+    tolerance=Tolerance(
+        rtol=TOLERANCE.rtol, atol={"float64": 1e-12, "float32": 2e-6, "float16": 1e-4, "bfloat16": 1e-3},
+        atol_scales_with_row=True,
+        reasons=TOLERANCE.reasons + (
+            "atol relative to the row's largest entry and growing with sqrt(C or rows): dx is a difference of "
+            "row means of g w and g w n_hat, dweight / dbias are sums over rows.",
+        ),
+    ),
+    reduction_length=lambda sample: int(np.prod(np.shape(sample.arrays["x"])[:-1])) + np.shape(sample.arrays["x"])[-1],
+    bad_inputs=_quant_bad_inputs(lambda: np.linspace(-1.0, 1.0, 12).reshape(3, 4),
+                                 extra={"weight": np.ones(4), "bias": np.zeros(4)}) + (
+        _ln_bad({"weight": np.ones(3)}, "weight of the wrong shape", "weight"),
+        _ln_bad({"bias": np.ones((4, 1))}, "bias of the wrong shape", "bias"),
+    ),
+    bench_cases=(BenchCase("64x197x768 G=12", _ln_inputs((64, 197, 768), 12), ("x", "weight", "bias"),
+                           smoke=_ln_inputs((2, 3, 24), 12), dtypes=("bfloat16",)),),
+    bytes_moved=_ln_bytes,
+    fd_function=_layernorm_at_saved_input,
+    output_dtypes=("input", "float32", "float32"),
+    grad_output_index=0,
+    properties=("saved for backward: uint8 codes of x, fp32 mean / rstd per row, 8 G bytes of state",),
+    wrong_ports={"full-precision gradient (not at the saved input)": _ln_exact_gradient,
+                 "quantises with the previous step's state": _stale_scale},
+)
+
+register(QUANTIZE, DEQUANTIZE, GELU, SOFTMAX, LAYERNORM)
