@@ -310,7 +310,8 @@ def _vit_inputs(n, dtype, seed=0):
     from twinops.conformance.specs.layers.pyra_token_merge import _draw_metric
 
     rng = np.random.default_rng(seed)
-    metric = _draw_metric(rng, n, 197, 64, "none", True, False, "float32")
+    metric = _draw_metric(rng, n, 197, 64, "none", True, False, str(dtype).replace("torch.", ""))  # tie-free
+    assert metric is not None
     d = _data(n=n, t=197, c=768, ck=64, r=16, seed=seed)
     d["metric"] = metric
     return d, {k: torch.tensor(v, dtype=dtype, device="cuda") for k, v in d.items()}

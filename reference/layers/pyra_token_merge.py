@@ -12,25 +12,25 @@ C_k}$ (the keys averaged over heads).
 10^{-12})$, the even tokens $0, 2, 4, \dots$ form set $\mathcal A$ and the odd tokens $1, 3, \dots$ set
 $\mathcal B$. For each $a \in \mathcal A$
 
-$$s_a = \max_{b \in \mathcal B} \hat k_a \cdot \hat k_b, \qquad \beta(a) = \operatorname{argmax}_{b
-\in \mathcal B} \hat k_a \cdot \hat k_b ,$$
+$$s_a = \max_{j \in \mathcal B} \hat k_a \cdot \hat k_j, \qquad \pi(a) = \operatorname{argmax}_{j
+\in \mathcal B} \hat k_a \cdot \hat k_j ,$$
 
 the $\mathcal A$ tokens are ranked by $s_a$ (descending) and the first $r$ of the ranking,
-$a_1, \dots, a_r$, are merged into their partners $\beta(a_1), \dots, \beta(a_r)$.
+$a_1, \dots, a_r$, are merged into their partners $\pi(a_1), \dots, \pi(a_r)$.
 
 **Re-activation** (PYRA). In size-weighted space $\tilde x = x \odot m$, pair $k$ has source
-$S_k = \tilde x_{a_k}$, destination $D_k = \tilde x_{\beta(a_k)}$ and $P_k = S_k + D_k$;
-$Y_k = \mathrm{LayerNorm}_{\gamma, \beta_{\mathrm{LN}}}(P_k)$ (over the $C$ channels, variance biased,
-$\epsilon$ inside the square root). With the learned $\alpha \in \mathbb{R}^{r}$ (one weight per rank)
-and $b \in \mathbb{R}^{C}$
+$S_k = \tilde x_{a_k}$, destination $D_k = \tilde x_{\pi(a_k)}$ and $P_k = S_k + D_k$;
+$Y_k = \mathrm{LayerNorm}_{\gamma, \beta}(P_k)$ (over the $C$ channels, variance biased,
+$\epsilon$ inside the square root). With the learned $\alpha \in \mathbb{R}^{r}$ (argument `a`, one weight
+per rank) and $b \in \mathbb{R}^{C}$
 
 $$u_c = \sum_{k=1}^{r} \alpha_k Y_{kc}, \quad w^{(1)}_c = 2\sigma(u_c), \qquad v_k = \sum_c Y_{kc}
 b_c, \quad w^{(2)}_k = 2\sigma(v_k) - 1, \qquad S'_k = S_k \odot (1 + w^{(1)} w^{(2)}_k).$$
 
 **Merge** (size-weighted mean). Every token that is not a source survives; destination $j$ becomes
 
-$$x'_j = \frac{\tilde x_j + \sum_{k : \beta(a_k) = j} S'_k}{m_j + \sum_{k : \beta(a_k) = j} m_{a_k}}, \qquad
-m'_j = m_j + \sum_{k : \beta(a_k) = j} m_{a_k},$$
+$$x'_j = \frac{\tilde x_j + \sum_{k : \pi(a_k) = j} S'_k}{m_j + \sum_{k : \pi(a_k) = j} m_{a_k}}, \qquad
+m'_j = m_j + \sum_{k : \pi(a_k) = j} m_{a_k},$$
 
 and an unmerged token keeps $x'_i = \tilde x_i / m_i$ ($= x_i$), $m'_i = m_i$. With $b = 0$ (PYRA's
 initialisation) $w^{(2)} = 0$ and the layer is exactly ToMe's `merge_wavg`.
@@ -54,6 +54,9 @@ Semantics
   `[unm[0], B[0], unm[1:], B[1:]]`.
 - Zero keys: $\hat k = k / \max(\lVert k \rVert, 10^{-12})$ (ToMe divides by the norm and gets NaN;
   deviation) so a zero key scores 0 against everything.
+- Where the modulation acts (authors' `model/adaptive_merge.py`, as read): on the sources in
+  size-weighted space, the LayerNorm taking source + destination; the sizes are merged without
+  modulation. The gates are recomputed for every call (nothing is stored between blocks).
 - Gradients reach `x`, `a`, `b`, `ln_weight` and `ln_bias` (the matching indices are piecewise
   constant in `metric`, which gets none). A destination that several sources pick accumulates all of
   them.
