@@ -16,7 +16,7 @@ def test_all_62_papers_listed_with_implemented_techniques():
     assert set(registry.names()) <= names
     assert catalog.technique_status("comp_sum_loss") == "implemented"
     assert catalog.technique_status("supcon_loss") == "implemented"
-    assert catalog.technique_status("mesa_gelu") == "planned"
+    assert catalog.technique_status("facility_location_greedy") == "planned"  # a later issue
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared is not beside this checkout")
