@@ -67,10 +67,13 @@ def _blocks(c: int, ck: int, r: int) -> dict:
     r_block = max(16, triton.next_power_of_2(max(r, 1)))
     if rt.interpreting():
         return dict(BLOCK_A=16, BLOCK_B=16, BLOCK_K=16, BLOCK_R=16, BLOCK_C=16, BLOCK_T=16, R_BLOCK=r_block,
-                    BLOCK_RANK=16, num_warps=1)
+                    BLOCK_RANK=16, BLOCK_CS=16, num_warps=1)
+    # The merge and backward programs hold R_BLOCK x BLOCK_C fp32 tiles of every pair: narrower chunks
+    # and more warps when r is large. The statistics kernel (few programs, two passes over C) takes
+    # wide chunks so each pass is a few long loads rather than many short dependent ones.
     block_c = 64 if r_block <= 32 else 32
     return dict(BLOCK_A=64, BLOCK_B=64, BLOCK_K=64, BLOCK_R=16, BLOCK_C=block_c, BLOCK_T=32, R_BLOCK=r_block,
-                BLOCK_RANK=64, num_warps=4)
+                BLOCK_RANK=64, BLOCK_CS=256, num_warps=4 if r_block <= 32 else 8)
 
 
 @triton.jit
@@ -487,7 +490,7 @@ def _pyra_fwd(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, a: torc
     _pair_stats_kernel[(n, triton.cdiv(r, cfg["BLOCK_R"]))](
         x, x.stride(0), x.stride(1), x.stride(2), size, size.stride(0), size.stride(1), src_tok, dst_tok,
         b, b.stride(0), ln_weight, ln_weight.stride(0), ln_bias, ln_bias.stride(0), stats, n, r, c, eps,
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_CS"], num_warps=cfg["num_warps"])
     y = torch.empty((n, t_out, c), device=x.device, dtype=x.dtype)
     new_size = torch.empty((n, t_out), device=x.device, dtype=size.dtype)
     _merge_kernel[(n, triton.cdiv(c, cfg["BLOCK_C"]))](
