@@ -297,3 +297,13 @@ def test_gpu_16bit_channels_last_against_the_reference(dtype):
     np.testing.assert_allclose(y.double().cpu().numpy(), evonorm_s0(xr, *pr, groups=32), rtol=2e-2, atol=2e-2)
     y, _ = acc_b0(xt, *ps, torch.ones(c, device="cuda"))
     np.testing.assert_allclose(y.double().cpu().numpy(), evonorm_b0(xr, *pr, np.ones(c))[0], rtol=2e-2, atol=2e-2)
+
+
+def test_b0_without_running_var_in_training():
+    x, v, w, b, _, g = _data(shape=(2, 3, 4, 4), seed=15)
+    xt = _t(x, True)
+    y, new = acc_b0(xt, _t(v), _t(w), _t(b), None, training=True)
+    assert new is None
+    np.testing.assert_allclose(y.detach().numpy(), evonorm_b0(x, v, w, b, None)[0], rtol=1e-5, atol=1e-5)
+    (dx,) = torch.autograd.grad(y, [xt], _t(g))
+    np.testing.assert_allclose(dx.numpy(), evonorm_b0_grad(g, x, v, w, b, None)["x"], rtol=1e-4, atol=1e-4)
