@@ -251,3 +251,10 @@ def test_gpu_benchmark_shape_against_float64(dtype):
     for k in ("x", "lora_a1", "lora_b1", "alpha"):
         scale = hi[k].grad.abs().max()
         torch.testing.assert_close(dev[k].grad.cpu().double() / scale, hi[k].grad / scale, **tol)
+
+
+def test_ranks_above_the_kernel_limit_are_a_clear_error():
+    t = _tensors(n=2, d_in=130, d_out=130, r1=2, r2=2, grad=False)
+    t["lora_a2"], t["lora_b2"] = torch.zeros(129, 130), torch.zeros(130, 129)
+    with pytest.raises(ValueError, match="lora_a2 has rank r = 129"):
+        acc(**t)

@@ -50,6 +50,9 @@ GPU_TILES = {
 }
 INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
 GPU_SPLIT = 64  # most programs sharing one N reduction (dA, dB)
+# Widest rank the kernels hold in registers / shared memory: at 256 the forward's pipelined
+# (x, W, A1ᵀ, A2ᵀ) tiles need 384 KB of shared memory on sm_90 (ahead-of-time compile), 128 fits.
+MAX_RANK = 128
 
 
 def _precisions(dtype: torch.dtype) -> dict:
@@ -464,7 +467,7 @@ def dual_lora_linear(x, weight, lora_a1, lora_b1, lora_a2, lora_b2, alpha, bias=
 
     Same arguments and semantics as `twinops.reference.layers.dual_lora_linear`; returns x's dtype.
     Gradients reach ``x``, the four LoRA factors and ``alpha``; ``weight`` and ``bias`` are frozen
-    and must not require grad. The factors, weight and bias must have x's dtype; ``alpha`` and the
+    and must not require grad. Ranks above ``MAX_RANK`` (128) are a ``ValueError`` here. The factors, weight and bias must have x's dtype; ``alpha`` and the
     masks may be any float dtype.
     """
     rt.check_float_tensor(x, "x", 2, "(N, d_in)")
@@ -481,6 +484,9 @@ def dual_lora_linear(x, weight, lora_a1, lora_b1, lora_a2, lora_b2, alpha, bias=
             raise ValueError(f"{a_name} has rank r = {r}, larger than the dimensions of weight "
                              f"(d_out, d_in) = {(d_out, d_in)}: the rank must be <= min(d_in, d_out)")
         _check_shape(a, a_name, (r, d_in), "(r, d_in)")
+        if r > MAX_RANK:
+            raise ValueError(f"{a_name} has rank r = {r}: the fused kernels support ranks up to {MAX_RANK} "
+                             "(use the reference or the eager form beyond that)")
         rt.check_float_tensor(b, b_name, 2, "(d_out, r)")
         _check_shape(b, b_name, (d_out, r), "(d_out, r)")
     rt.check_float_tensor(alpha, "alpha", 1, "(N,)")
