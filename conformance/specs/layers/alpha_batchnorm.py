@@ -35,6 +35,9 @@ TOLERANCE = Tolerance(
         "batch mean (|x - mu| small against |x|), and d gamma / d beta are sums whose terms dwarf "
         "some results.",
         "16-bit outputs also pass when no worse than 2x the eager PyTorch baseline + atol.",
+        "Samples with fewer than 8 elements per channel use source_weight >= 0.5: there d x cancels to "
+        "a small fraction of its terms (at M = 2 and alpha = 0 it is exactly 0) and fp32 keeps only "
+        "~1e-7 of the terms, far above rtol of the result.",
     ),
 )
 
@@ -57,8 +60,13 @@ def _samples(draw, profile: str, dtype: str):
     running_mean = scale * (centre + 0.5 * rng.normal(size=c))
     running_var = scale**2 * rng.uniform(0.3, 3.0, size=c)
     weight, bias = rng.normal(size=c), rng.normal(size=c)
+    m = n * int(np.prod(spatial, dtype=np.int64))
     kwargs = {
-        "source_weight": draw(st.sampled_from((0.0, 0.1, 0.5, 0.9, 1.0))),
+        # With few elements per channel and batch-dominated statistics the normalised values are
+        # nearly fixed (M = 2, alpha = 0: exactly +-1), so d x cancels to a tiny fraction of its
+        # terms k1 g, and any fp32 evaluation keeps an error of ~1e-7 of those terms. Such channels
+        # (M < 8) draw alpha >= 0.5; the small-alpha limit is covered at M >= 8 and by the examples.
+        "source_weight": draw(st.sampled_from((0.0, 0.1, 0.5, 0.9, 1.0) if m >= 8 else (0.5, 0.9, 1.0))),
         "training": training,
         "momentum": draw(st.sampled_from((0.0, 0.1, 1.0))),
         "eps": draw(st.sampled_from((1e-5, 1e-3))),
