@@ -225,3 +225,53 @@ def test_accelerated_errors():
     with pytest.raises(ValueError, match="source_weight"):
         AlphaBatchNorm(3, source_weight=-0.5)
     assert acc_mod.HAS_TRITON_BACKWARD
+
+
+# ---------------------------------------------------------------------------------------------- GPU lane
+
+
+def _float64_formula(x, rm, rv, w, b, a, eps=1e-5):
+    dims = [0] + list(range(2, x.ndim))
+    var_t, mu_t = torch.var_mean(x.double(), dim=dims, correction=0)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mu = (a * rm.double() + (1 - a) * mu_t).view(shape)
+    var = (a * rv.double() + (1 - a) * var_t).view(shape)
+    return w.double().view(shape) * (x.double() - mu) / torch.sqrt(var + eps) + b.double().view(shape)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_benchmark_shape_forward_and_backward():
+    """(64, 256, 56, 56) bf16 activations, fp32 running statistics, against float64 on the same values."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 256, 56, 56, device="cuda") * 2 + 1).bfloat16().requires_grad_(True)
+    rm, rv = torch.randn(256, device="cuda"), torch.rand(256, device="cuda") + 0.5
+    w = torch.randn(256, device="cuda").bfloat16().requires_grad_(True)
+    b = torch.randn(256, device="cuda").bfloat16().requires_grad_(True)
+    y, new_rm, new_rv = acc(x, rm, rv, w, b, source_weight=0.1)
+    assert new_rm.dtype == torch.float32 and y.dtype == torch.bfloat16
+    xd, wd, bd = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    want = _float64_formula(xd, rm, rv, wd, bd, 0.1)
+    torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
+    g = torch.randn_like(want)
+    got = torch.autograd.grad(y, [x, w, b], g.bfloat16())
+    ref_g = torch.autograd.grad(want, [xd, wd, bd], g)
+    for a, e in zip(got, ref_g):
+        torch.testing.assert_close(a.double(), e, rtol=3e-2, atol=3e-2 * e.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_2_31_and_inductor_compile():
+    n, c, s = 4, 64, 3136
+    k = 2**31 // (n * c * s) + 1
+    buf = torch.zeros((k * n, c, s), device="cuda", dtype=torch.bfloat16)
+    x = buf[::k]
+    x.copy_(torch.randn(n, c, s, device="cuda"))
+    assert x.stride(0) * (n - 1) > 2**31
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    for got, want in zip(acc(x, rm, rv, source_weight=0.3), acc(x.contiguous(), rm, rv, source_weight=0.3)):
+        torch.testing.assert_close(got, want)
+    mod = AlphaBatchNorm(c, source_weight=0.3, device="cuda")
+    compiled = torch.compile(mod, fullgraph=True)
+    xc = x.contiguous().requires_grad_(True)
+    compiled(xc).float().sum().backward()
+    assert xc.grad is not None and int(mod.num_batches_tracked) == 1

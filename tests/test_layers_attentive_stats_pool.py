@@ -212,3 +212,48 @@ def test_accelerated_errors():
     with pytest.raises(TypeError, match="x"):
         acc(x.double(), e)
     assert acc_mod.HAS_TRITON_BACKWARD
+
+
+# ---------------------------------------------------------------------------------------------- GPU lane
+
+
+def _float64_formula(x, e, eps=1e-9):
+    alpha = torch.softmax(e.double(), dim=2)
+    xd = x.double()
+    mean = (alpha * xd).sum(2)
+    var = (alpha * (xd - mean[:, :, None]) ** 2).sum(2)
+    return torch.cat([mean, torch.sqrt(var.clamp(min=eps))], dim=1)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_benchmark_shape_forward_and_backward():
+    """ECAPA-TDNN head (128, 1536, 300) in bf16 against the float64 formula on the same rounded values."""
+    torch.manual_seed(0)
+    x = (torch.randn(128, 1536, 300, device="cuda") + 2.0).bfloat16().requires_grad_(True)
+    e = (3.0 * torch.randn(128, 1536, 300, device="cuda")).bfloat16().requires_grad_(True)
+    out = acc(x, e)
+    xd, ed = x.detach().double().requires_grad_(True), e.detach().double().requires_grad_(True)
+    want = _float64_formula(xd, ed)
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+    g = torch.randn_like(want)
+    dx, de = torch.autograd.grad(out, [x, e], g.bfloat16())
+    wx, we = torch.autograd.grad(want, [xd, ed], g)
+    torch.testing.assert_close(dx.double(), wx, rtol=3e-2, atol=3e-2 * wx.abs().max().item())
+    torch.testing.assert_close(de.double(), we, rtol=3e-2, atol=3e-2 * we.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_2_31_and_inductor_compile():
+    b, c, t = 4, 64, 300
+    k = 2**31 // (b * c * t) + 1
+    buf = torch.zeros((k * b, c, t), device="cuda", dtype=torch.bfloat16)
+    x = buf[::k]
+    x.copy_(torch.randn(b, c, t, device="cuda"))
+    assert x.stride(0) * (b - 1) > 2**31
+    e = torch.randn(b, c, t, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(acc(x, e), acc(x.contiguous(), e))
+    fn = torch.compile(acc, fullgraph=True)
+    xc = x.contiguous().requires_grad_(True)
+    torch.testing.assert_close(fn(xc, e), acc(xc, e))
+    fn(xc, e).float().sum().backward()
+    assert xc.grad is not None and torch.isfinite(xc.grad).all()
