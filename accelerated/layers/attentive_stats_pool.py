@@ -249,16 +249,18 @@ class AttentiveStatsPool(torch.nn.Module):
     """The authors' channel-wise attentive statistics pooling layer (EfficientTDNN / ECAPA-TDNN head).
 
     ``pool(x)`` with x (B, C, T) computes the attention logits with two 1x1 convolutions,
-    ``logits = conv2(tanh(conv1(x)))`` (``channels -> bottleneck -> channels``, biases on, no
-    global-context input), then `attentive_stats_pool` (Triton) gives the (B, 2C) embedding.
-    ``eps`` floors the variance (default 1e-9, the authors' constant).
+    ``logits = conv2(tanh(conv1(x)))`` (``channels -> bottleneck -> channels``, no global-context
+    input), then `attentive_stats_pool` (Triton) gives the (B, 2C) embedding. ``bias`` defaults to
+    False as in the authors' layer (SpeechBrain's ECAPA head uses biases). ``eps`` floors the
+    variance (default 1e-9, the authors' constant).
     """
 
-    def __init__(self, channels: int, bottleneck: int = 128, *, eps: float = 1e-9, device=None, dtype=None):
+    def __init__(self, channels: int, bottleneck: int = 128, *, bias: bool = False, eps: float = 1e-9,
+                 device=None, dtype=None):
         super().__init__()
         self.eps = check_real(eps, "eps", low=0.0, low_open=True)
-        self.conv1 = torch.nn.Conv1d(channels, bottleneck, kernel_size=1, device=device, dtype=dtype)
-        self.conv2 = torch.nn.Conv1d(bottleneck, channels, kernel_size=1, device=device, dtype=dtype)
+        self.conv1 = torch.nn.Conv1d(channels, bottleneck, kernel_size=1, bias=bias, device=device, dtype=dtype)
+        self.conv2 = torch.nn.Conv1d(bottleneck, channels, kernel_size=1, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x):
         logits = self.conv2(torch.tanh(self.conv1(x)))

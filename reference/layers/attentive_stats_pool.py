@@ -16,9 +16,9 @@ $$
 
 and the output is $\operatorname{concat}(\mu_b, \sigma_b) \in \mathbb{R}^{2C}$.
 
-In the authors' layer the logits come from two $1 \times 1$ convolutions,
-$e = W_2 \tanh(W_1 x + b_1) + b_2$ (bottleneck 128, no global-context input); the convolutions are
-ordinary layers, so the function here takes $e$ as an input and the module computes it.
+In the authors' layer the logits come from two bias-free $1 \times 1$ convolutions,
+$e = W_2 \tanh(W_1 x)$ (bottleneck 128, no global-context input); the convolutions are ordinary
+layers, so the function here takes $e$ as an input and the module computes it.
 
 Gradient, with upstream gradients $g^\mu_{bc}$ and $g^\sigma_{bc}$ (the two halves of ``grad``) and
 $[v \ge \varepsilon]$ the clamp being inactive:
