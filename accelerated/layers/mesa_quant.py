@@ -7,7 +7,9 @@ Dg = D / G). Group g holds outer * Dg * inner elements; element e of group g sit
     o = e // (Dg * inner),  d = g * Dg + (e // inner) % Dg,  i = e % inner.
 
 Every kernel runs on a (G, chunks) grid: program (g, c) handles elements [c * BLOCK, (c + 1) * BLOCK)
-of group g, so the group's scale is a scalar per program. Three launches quantise:
+of group g, so the group's scale is a scalar per program. When the grouped axis is the last one
+(inner == 1: GELU, LayerNorm, the default ``dim=-1``) a program holds whole rows of the group's Dg
+columns instead (`tile`), which needs no integer division by runtime values. Three launches quantise:
 
 1. `_minmax_kernel`: per-chunk min / max and a non-finite flag, (G, chunks) fp32 partials.
 2. `_state_kernel`: one program per group folds the partials (any layout `group_offsets` describes:
@@ -50,6 +52,29 @@ def group_offsets(e, g, Dg, inner, stride_o, stride_d, stride_i):
 
 
 @triton.jit
+def tile(c, g, Dg, inner, outer, n_group, LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Coordinates (o, d, i) and validity of the BLOCK elements of program (g, c).
+
+    Grouped last axis (LAST, inner == 1): the program holds BLOCK // BLOCK_D whole rows of the group's
+    Dg columns (padded to BLOCK_D, a power of two), so no division by a runtime value is needed.
+    Otherwise: elements [c * BLOCK, (c + 1) * BLOCK) of the group in (o, d, i) order."""
+    idx = tl.arange(0, BLOCK)
+    if LAST:
+        o = c * (BLOCK // BLOCK_D) + (idx // BLOCK_D).to(tl.int64)
+        j = (idx % BLOCK_D).to(tl.int64)
+        live = (o < outer) & (j < Dg)
+        d = g * Dg + j
+        i = tl.zeros((BLOCK,), tl.int64)
+    else:
+        e = c * BLOCK + idx.to(tl.int64)
+        live = e < n_group
+        o = e // (Dg * inner)
+        d = g * Dg + (e // inner) % Dg
+        i = e % inner
+    return o, d, i, live
+
+
+@triton.jit
 def round_half_even(v):
     """rint for v >= 0 from core ops (the interpreter has no libdevice)."""
     r = tl.floor(v + 0.5)
@@ -75,14 +100,13 @@ def gelu_prime(x):
 def _minmax_kernel(
     x_ptr, stride_o, stride_d, stride_i,   # the (outer, D, inner) view of x
     part_ptr,                              # out (3, G, chunks) fp32: min, max, non-finite count
-    Dg, inner, n_group, chunks, G,
-    BLOCK: tl.constexpr,
+    Dg, inner, outer, n_group, chunks, G,
+    LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
-    e = c * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    live = e < n_group
-    x = tl.load(x_ptr + group_offsets(e, g, Dg, inner, stride_o, stride_d, stride_i), mask=live, other=0.0)
+    o, d, i, live = tile(c, g, Dg, inner, outer, n_group, LAST, BLOCK, BLOCK_D)
+    x = tl.load(x_ptr + o * stride_o + d * stride_d + i * stride_i, mask=live, other=0.0)
     x = x.to(tl.float32)
     bad = tl.sum(tl.where(live & ((x - x) != 0.0), 1.0, 0.0), axis=0)  # x - x is NaN for NaN and +-inf
     lo = tl.min(tl.where(live, x, float("inf")), axis=0)
@@ -136,20 +160,20 @@ def _quantize_kernel(
     range_ptr, min_ptr,                       # (G,) fp32 state used for this step
     q_ptr,                                    # out uint8 codes, contiguous (outer, D, inner)
     y_ptr,                                    # out op(x), contiguous (outer, D, inner), written when OP != 0
-    Dg, inner, D, n_group,
-    HAS_NOISE: tl.constexpr, OP: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK: tl.constexpr,
+    Dg, inner, D, outer, n_group,
+    HAS_NOISE: tl.constexpr, OP: tl.constexpr, WRITE_Q: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
-    e = c * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    live = e < n_group
-    x = tl.load(x_ptr + group_offsets(e, g, Dg, inner, stride_o, stride_d, stride_i), mask=live, other=0.0)
+    o, d, i, live = tile(c, g, Dg, inner, outer, n_group, LAST, BLOCK, BLOCK_D)
+    x = tl.load(x_ptr + o * stride_o + d * stride_d + i * stride_i, mask=live, other=0.0)
     x = x.to(tl.float32)
-    out = group_offsets(e, g, Dg, inner, D * inner, inner, 1)
+    out = (o * D + d) * inner + i
     if WRITE_Q:
         s, beta = group_scale(range_ptr, min_ptr, g)
         if HAS_NOISE:
-            u = tl.load(u_ptr + group_offsets(e, g, Dg, inner, u_stride_o, u_stride_d, u_stride_i), mask=live,
+            u = tl.load(u_ptr + o * u_stride_o + d * u_stride_d + i * u_stride_i, mask=live,
                         other=0.5).to(tl.float32)
         else:
             u = 0.5
@@ -166,18 +190,17 @@ def _dequantize_kernel(
     range_ptr, min_ptr,                       # (G,) fp32 state the codes were made with
     g_ptr, g_stride_o, g_stride_d, g_stride_i,  # upstream gradient (OP == 1)
     out_ptr,                                  # out, contiguous (outer, D, inner): x_hat (OP 0) or dx (OP 1)
-    Dg, inner, D, n_group,
-    OP: tl.constexpr, BLOCK: tl.constexpr,
+    Dg, inner, D, outer, n_group,
+    OP: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
-    e = c * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    live = e < n_group
-    out = group_offsets(e, g, Dg, inner, D * inner, inner, 1)
+    o, d, i, live = tile(c, g, Dg, inner, outer, n_group, LAST, BLOCK, BLOCK_D)
+    out = (o * D + d) * inner + i
     s, beta = group_scale(range_ptr, min_ptr, g)
     x_hat = tl.load(q_ptr + out, mask=live, other=0).to(tl.float32) / s + beta
     if OP == 1:
-        gy = tl.load(g_ptr + group_offsets(e, g, Dg, inner, g_stride_o, g_stride_d, g_stride_i), mask=live,
+        gy = tl.load(g_ptr + o * g_stride_o + d * g_stride_d + i * g_stride_i, mask=live,
                      other=0.0).to(tl.float32)
         x_hat = gy * gelu_prime(x_hat)
     tl.store(out_ptr + out, x_hat.to(out_ptr.dtype.element_ty), mask=live)
@@ -197,6 +220,16 @@ def view3(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.reshape(outer, x.shape[dim], inner)
 
 
+def tiling(outer: int, dg: int, inner: int) -> tuple[dict, int]:
+    """Launch constants of the (G, chunks) kernels and the number of chunks per group."""
+    block = block_size()
+    if inner == 1:
+        block_d = triton.next_power_of_2(dg)
+        block = max(block, block_d)
+        return dict(LAST=True, BLOCK=block, BLOCK_D=block_d), triton.cdiv(outer, block // block_d)
+    return dict(LAST=False, BLOCK=block, BLOCK_D=1), triton.cdiv(outer * dg * inner, block)
+
+
 def update_state(x3: torch.Tensor, running_range, running_min, groups: int, momentum: float, training: bool,
                  first_step: bool):
     """The running (range, min) after this step, fp32 (G,), computed on the device."""
@@ -205,11 +238,10 @@ def update_state(x3: torch.Tensor, running_range, running_min, groups: int, mome
     outer, d, inner = x3.shape
     dg = d // groups
     n_group = outer * dg * inner
-    block = block_size()
-    chunks = triton.cdiv(n_group, block)
+    cfg, chunks = tiling(outer, dg, inner)
     part = torch.empty((3, groups, chunks), device=x3.device, dtype=torch.float32)
-    _minmax_kernel[(groups, chunks)](x3, x3.stride(0), x3.stride(1), x3.stride(2), part, dg, inner, n_group,
-                                     chunks, groups, BLOCK=block)
+    _minmax_kernel[(groups, chunks)](x3, x3.stride(0), x3.stride(1), x3.stride(2), part, dg, inner, outer, n_group,
+                                     chunks, groups, **cfg)
     # partial c of group g sits at g * chunks + c: the (1, G, chunks) layout in group_offsets' terms
     return fold_state(part, groups * chunks, (0, chunks, 1), 1, chunks, chunks, running_range, running_min,
                       groups, momentum, first_step)
@@ -232,16 +264,16 @@ def quantize(x3: torch.Tensor, new_range, new_min, noise3, groups: int, *, op: i
     outer, d, inner = x3.shape
     dg = d // groups
     n_group = outer * dg * inner
-    block = block_size()
+    cfg, chunks = tiling(outer, dg, inner)
     q = torch.empty(x3.shape if write_q else (0,), device=x3.device, dtype=torch.uint8)
     y = torch.empty(x3.shape if op else (0,), device=x3.device, dtype=y_dtype or x3.dtype)
     if not write_q and not op:
         return q, y
     u = noise3 if noise3 is not None else x3
-    _quantize_kernel[(groups, triton.cdiv(n_group, block))](
+    _quantize_kernel[(groups, chunks)](
         x3, x3.stride(0), x3.stride(1), x3.stride(2), u, u.stride(0), u.stride(1), u.stride(2),
-        new_range, new_min, q, y, dg, inner, d, n_group,
-        HAS_NOISE=noise3 is not None, OP=op, WRITE_Q=write_q, BLOCK=block,
+        new_range, new_min, q, y, dg, inner, d, outer, n_group,
+        HAS_NOISE=noise3 is not None, OP=op, WRITE_Q=write_q, **cfg,
     )
     return q, y
 
@@ -251,12 +283,12 @@ def dequantize(q3: torch.Tensor, state_range, state_min, groups: int, out_dtype,
     outer, d, inner = q3.shape
     dg = d // groups
     n_group = outer * dg * inner
-    block = block_size()
+    cfg, chunks = tiling(outer, dg, inner)
     out = torch.empty(q3.shape, device=q3.device, dtype=out_dtype)
     gg = grad3 if grad3 is not None else out
-    _dequantize_kernel[(groups, triton.cdiv(n_group, block))](
-        q3, state_range, state_min, gg, gg.stride(0), gg.stride(1), gg.stride(2), out, dg, inner, d, n_group,
-        OP=OP_NONE if grad3 is None else OP_GELU, BLOCK=block,
+    _dequantize_kernel[(groups, chunks)](
+        q3, state_range, state_min, gg, gg.stride(0), gg.stride(1), gg.stride(2), out, dg, inner, d, outer,
+        n_group, OP=OP_NONE if grad3 is None else OP_GELU, **cfg,
     )
     return out
 

@@ -63,7 +63,9 @@ Semantics
   only clamps at 0 and lets values above 255 wrap around modulo 256: a bug we do not copy).
 - ``noise``: optional array of the shape of ``x`` with values in [0, 1): stochastic rounding
   (unbiased for values inside the range). Mesa draws it inside its kernel; here it is an explicit
-  input so both sides compute the same ``q``. ``None``: deterministic round-half-to-even.
+  input so both sides compute the same ``q`` (its values are not checked: outside [0, 1) the codes are
+  biased). ``None``: deterministic round-half-to-even. The modules draw it with ``torch.rand_like``
+  when ``stochastic=True`` (their default, as in Mesa).
 - ``x`` must be finite for the quantising operations (``ValueError``): a NaN or inf would poison
   the running range forever. The kernels cannot raise without synchronising the device; they
   return a NaN new state instead.
@@ -75,7 +77,10 @@ Semantics
   ``<name>_grad(grad, ...)`` takes the same inputs as the forward call and returns the gradient
   (a dict for LayerNorm: ``x``, ``weight``, ``bias``).
 - Saved bytes per element: 1 (``q``) against 2 for a bf16 activation (4 for fp32), plus
-  $8G$ bytes of state (and $8R$ bytes of mean/rstd for LayerNorm's $R$ rows).
+  $8G$ bytes of state (and $8R$ bytes of mean/rstd for LayerNorm's $R$ rows). At the benchmark shapes
+  (bf16): GELU / LayerNorm on 64 x 197 x 768 save 9.68 MB (+ 0.1 MB of LayerNorm statistics)
+  instead of 19.37 MB (50%); softmax on 64 x 12 x 197 x 197 saves 29.81 MB instead of 59.61 MB (50%).
+- Mesa's ``mesa_linear`` (saves the 8-bit input of a linear layer) is not part of this module.
 """
 
 from __future__ import annotations
