@@ -305,3 +305,70 @@ def test_layernorm_compiles_fullgraph_and_grads_only_where_asked():
     assert torch.equal(y, yc) and torch.equal(dx, dxc) and torch.allclose(dw, dwc)
     with pytest.raises(ValueError, match="weight"):
         A.mesa_layernorm(x, torch.ones(11), b, rr, rm, groups=3)
+
+
+# --------------------------------------------------------------------- GPU lane (skipped here)
+
+
+def _fwd_bwd_ms(fn, x, g):
+    import triton.testing
+
+    def step():
+        x.grad = None
+        fn(x).backward(g)
+
+    return triton.testing.do_bench(step, return_mode="median")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gelu", "softmax", "layernorm"])
+def test_gpu_benchmark_shape_memory_agreement_and_time(op):
+    """bf16 at the benchmark shapes: saved bytes <= 55% of the plain op's, the same codes and state as
+    the eager Mesa baseline, and forward+backward time against torch.compile of the plain op
+    (the issue's target: within 1.3x)."""
+    from twinops.conformance.baselines.layers import mesa as B
+
+    torch.manual_seed(0)
+    shape = (64, 12, 197, 197) if op == "softmax" else (64, 197, 768)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    g = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    rr, rm = (torch.full((12,), 0.5, device="cuda"), torch.zeros(12, device="cuda")) if op == "softmax" else (
+        torch.full((12,), 6.0, device="cuda"), torch.full((12,), -3.0, device="cuda"))
+    w = torch.ones(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.zeros(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ours = {"gelu": lambda t: A.mesa_gelu(t, rr, rm, groups=12)[0],
+            "softmax": lambda t: A.mesa_softmax(t, rr, rm, groups=12)[0],
+            "layernorm": lambda t: A.mesa_layernorm(t, w, b, rr, rm, groups=12)[0]}[op]
+    base = {"gelu": lambda t: B.mesa_gelu(t, rr, rm, groups=12)[0],
+            "softmax": lambda t: B.mesa_softmax(t, rr, rm, groups=12)[0],
+            "layernorm": lambda t: B.mesa_layernorm(t, w, b, rr, rm, groups=12)[0]}[op]
+    plain = {"gelu": F.gelu, "softmax": lambda t: torch.softmax(t, -1),
+             "layernorm": lambda t: F.layer_norm(t, (768,), w, b)}[op]
+    saved_ours, saved_plain = _saved_bytes(lambda: ours(x)), _saved_bytes(lambda: plain(x))
+    print(f"{op}: saved {saved_ours / 2**20:.1f} MiB vs plain bf16 {saved_plain / 2**20:.1f} MiB")
+    assert saved_ours <= 0.55 * saved_plain + 768 * 2  # LayerNorm's weight is saved by both
+    y, dx = ours(x), None
+    (dx,) = torch.autograd.grad(y, x, g)
+    yb = base(x)
+    (dxb,) = torch.autograd.grad(yb, x, g)
+    torch.testing.assert_close(y, yb, atol=2e-2, rtol=1.6e-2)
+    # codes may differ by one at exact ties of the fp32 arithmetic: compare the gradients loosely
+    assert (dx.float() - dxb.float()).abs().mean() < 1e-2 * dxb.float().abs().mean() + 1e-6
+    t_ours = _fwd_bwd_ms(ours, x, g)
+    t_plain = _fwd_bwd_ms(torch.compile(plain), x, g)
+    print(f"{op}: fwd+bwd {t_ours:.3f} ms vs compiled plain op {t_plain:.3f} ms ({t_ours / t_plain:.2f}x)")
+    assert t_ours <= 1.3 * t_plain
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_2_31():
+    rows = (2**31) // 768 + 8
+    x = torch.randn(rows, 768, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    rr, rm = torch.full((1,), 8.0, device="cuda"), torch.full((1,), -4.0, device="cuda")
+    y, _, _ = A.mesa_gelu(x, rr, rm)
+    torch.testing.assert_close(y[-4:], F.gelu(x[-4:].detach().float()).bfloat16(), atol=2e-2, rtol=1.6e-2)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    x_tail = x[-4:].detach().float()
+    h = x_tail.requires_grad_(True)
+    (want,) = torch.autograd.grad(F.gelu(h).sum(), h)
+    assert (dx[-4:].float() - want).abs().max() < 0.05  # within a quantisation step of GELU'

@@ -30,11 +30,7 @@ import triton.language as tl
 
 from .. import _runtime as rt
 
-LEVELS = 255.0
-RANGE_FLOOR = 1e-8
-OP_NONE, OP_GELU = 0, 1
-INV_SQRT2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+OP_NONE, OP_GELU = 0, 1  # the elementwise op fused into the quantise / dequantise passes
 
 
 def block_size() -> int:

@@ -48,7 +48,8 @@ Semantics
 - ``mesa_quantize(x, running_range, running_min, noise=None, *, groups=1, dim=-1, momentum=0.1,
   training=True, first_step=False)`` returns ``(q, new_running_range, new_running_min)``; ``q`` is
   ``uint8`` with the shape of ``x``. ``mesa_dequantize(q, running_range, running_min, *, groups=1,
-  dim=-1)`` returns $\hat x$. No gradient: quantisation is not trained through.
+  dim=-1)`` returns $\hat x$ (in the kernels: in ``running_range``'s dtype). No gradient:
+  quantisation is not trained through.
 - ``x``: any rank >= 1, at least one element; ``x.shape[dim]`` must be divisible by ``groups``
   (``ValueError`` naming ``groups``). Group $g$ holds indices
   ``[g * D/G, (g + 1) * D/G)`` of axis ``dim``. ``mesa_gelu`` and ``mesa_layernorm`` group the last

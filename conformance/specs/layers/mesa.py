@@ -15,7 +15,7 @@ from ...numerics import round_to_dtype
 from ...registry import register
 from ...spec import BadInput, BenchCase, Sample, Spec, Tolerance
 from ...strategies import seed, upstream_grad
-from ....reference.layers import mesa as R
+from twinops.reference.layers import mesa as R
 
 REF = "twinops.reference.layers.mesa"
 ACC = "twinops.accelerated.layers.mesa"
@@ -230,7 +230,8 @@ QUANTIZE = Spec(
     bytes_moved=_quantize_bytes,
     output_dtypes=("uint8", "float32", "float32"),
     properties=("codes are exact (uint8) given the noise; the state is float32",),
-    wrong_ports={"quantises with the previous step's state": _stale_scale, "ignores the rounding noise": _ignores_noise},
+    wrong_ports={"quantises with the previous step's state": _stale_scale,
+                 "ignores the rounding noise": _ignores_noise},
 )
 
 
