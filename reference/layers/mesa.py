@@ -1,7 +1,7 @@
 r"""Mesa: 8-bit running-range quantisation of saved activations, and the memory-saving GELU,
 softmax and LayerNorm built on it.
 
-Paper P21 — *Mesa: A Memory-saving Training Framework for Transformers* (Pan, Chen, Zhang, Zhuang,
+Paper P21 — *Mesa: A Memory-saving Training Framework for Transformers* (Pan, Chen, He, Liu, Cai, Zhuang,
 arXiv 2021).
 
 A tensor $x$ is split into $G$ groups along one axis ("head-wise": the axis is cut into $G$ equal
