@@ -372,3 +372,15 @@ def test_gpu_offsets_past_2_31():
     h = x_tail.requires_grad_(True)
     (want,) = torch.autograd.grad(F.gelu(h).sum(), h)
     assert (dx[-4:].float() - want).abs().max() < 0.05  # within a quantisation step of GELU'
+
+
+def test_accelerated_stochastic_rounding_is_unbiased():
+    torch.manual_seed(3)
+    x = torch.full((64, 64), 0.3 + 0.25 / 255)  # 76.75 steps above the minimum: nearest rounding is biased
+    x[0, 0], x[0, 1] = 0.0, 1.0  # range [0, 1]: one step is 1 / 255
+    q, nr, nm = A.mesa_quantize(x, torch.zeros(1), torch.zeros(1), torch.rand(64, 64), first_step=True)
+    err = (A.mesa_dequantize(q, nr, nm) - x)[1:]
+    assert err.abs().max() < 1 / 255 + 1e-6
+    assert abs(err.mean().item()) < 0.05 / 255
+    q0, _, _ = A.mesa_quantize(x, torch.zeros(1), torch.zeros(1), first_step=True)
+    assert abs((A.mesa_dequantize(q0, nr, nm) - x)[1:].mean().item()) > 0.2 / 255
