@@ -35,6 +35,9 @@ TOLERANCE = Tolerance(
         "batch mean (|x - mu| small against |x|), and d gamma / d beta are sums whose terms dwarf "
         "some results.",
         "16-bit outputs also pass when no worse than 2x the eager PyTorch baseline + atol.",
+        "Samples with fewer than 4 spatial elements (rows of 1-3 entries) draw data of scale >= 1: an "
+        "fp32 d x entry keeps ~1e-7 of its channel's gradient scale gamma |g| / s_hat, which a short row "
+        "cannot represent when s_hat is 1e-2.",
         "Samples with fewer than 8 elements per channel use source_weight >= 0.5: there d x cancels to "
         "a small fraction of its terms (at M = 2 and alpha = 0 it is exactly 0) and fp32 keeps only "
         "~1e-7 of the terms, far above rtol of the result.",
@@ -52,7 +55,11 @@ def _samples(draw, profile: str, dtype: str):
     if training and n * int(np.prod(spatial, dtype=np.int64)) < 2:
         n = 2  # the running variance update is unbiased: training needs two values per channel
     shape = (n, c) + tuple(spatial)
-    scale = draw(st.sampled_from((1e-2, 1.0, 10.0)))
+    # The tolerance's row is the last axis; with fewer than 4 spatial elements a row holds one or
+    # two entries of d x, so it cannot stand for the channel's gradient scale k1 |g| = gamma |g| / s_hat.
+    # Small-scale data (k1 ~ 100) is drawn only where rows are long enough to carry that scale.
+    small_ok = int(np.prod(spatial, dtype=np.int64)) >= 4
+    scale = draw(st.sampled_from((1e-2, 1.0, 10.0) if small_ok else (1.0, 10.0)))
     offset = draw(st.sampled_from((0.0, 3.0)))
     centre = offset * rng.normal(size=c)
     x = scale * (rng.normal(size=shape) + centre.reshape((1, c) + (1,) * len(spatial)))
