@@ -658,3 +658,6 @@ def cubic_sparsity_schedule(step, total_steps, *, initial_sparsity=0.0, final_sp
         return rho_f
     progress = s - start if freq == 1 else math.floor((s - start) / freq) * freq
     return rho_f + (rho_i - rho_f) * (1.0 - progress / span) ** 3
+
+
+cubic_sparsity_schedule.pure_torch = True  # no kernel, so CPU tensors are fine without the interpreter
