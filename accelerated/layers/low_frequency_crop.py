@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...reference._checks import check_int
+from ...reference.layers.low_frequency_crop import _bands  # the reference's checks on band, shared
 from .. import _runtime as rt
 
 __all__ = ["low_frequency_crop", "LowFrequencyCrop"]
@@ -197,25 +197,6 @@ def _backward(ctx, grad):
 
 
 _crop.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _bands(band, height: int, width: int) -> tuple[int, int]:
-    """The reference's checks on ``band`` (same errors and messages)."""
-    if isinstance(band, (tuple, list)):
-        if len(band) != 2:
-            raise ValueError(f"band must be an int or a pair (band_h, band_w), got {len(band)} entries")
-        bh, bw = check_int(band[0], "band[0]"), check_int(band[1], "band[1]")
-    else:
-        bh = bw = check_int(band, "band")
-        if height != width:
-            raise ValueError(f"band must be a pair (band_h, band_w) for a non-square image, got an int for "
-                             f"H={height}, W={width}")
-    for value, size, axis in ((bh, height, "H"), (bw, width, "W")):
-        if value < 2:
-            raise ValueError(f"band must be >= 2 (at least one frequency each side), got {value}")
-        if value > size:
-            raise ValueError(f"band must be <= the image size along {axis} ({size}), got {value}")
-    return bh, bw
 
 
 def low_frequency_crop(x, *, band=160):

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...reference._checks import check_int, check_real
+from ...reference._checks import check_real
+from ...reference.layers.multilevel import _width  # the reference's checks on a width, shared
 from .. import _runtime as rt
 
 __all__ = ["coalesce", "decoalesce", "interpolate_params"]
@@ -198,17 +199,6 @@ def _check_weight(weight, name="weight") -> torch.Tensor:
         raise ValueError(f"{name} must have shape (s_out, s_in) or (s_out,), got {weight.ndim} dimensions "
                          f"{tuple(weight.shape)}")
     return weight
-
-
-def _width(width, name: str, size: int) -> int:
-    if width is None:
-        if size % 2:
-            raise ValueError(f"{name}=None merges channels in pairs and needs an even size, got {size}")
-        return size // 2
-    width = check_int(width, name)
-    if not 1 <= width <= size:
-        raise ValueError(f"{name} must be in [1, {size}], got {width}")
-    return width
 
 
 def _group_map(groups, name: str, size: int | None, width: int, device) -> torch.Tensor:
