@@ -12,6 +12,25 @@ def test_foundation_techniques_registered():
     assert {"comp_sum_loss", "spherical_z_loss", "ldr_kl_loss", "aldr_kl_loss"} <= set(NAMES)
 
 
+def test_metric_techniques_registered():
+    assert {
+        "mann_whitney_loss", "mann_whitney_auc", "focal_infonce_loss", "masked_mean_pool", "supcon_loss",
+        "isogclr_loss", "metrix_loss", "proto_triplet_loss", "icnn_loss", "hpm_relative_loss",
+        "easy_to_hard_mask", "unpg_margin_softmax_loss", "poincare_expmap0", "poincare_distance",
+        "hyperbolic_mlr_ce", "hyp_pc_loss",
+    } <= {s.name for s in registry.all_specs() if s.family == "metric"}
+
+
+def test_layers_techniques_registered():
+    assert {
+        "evonorm_s0", "evonorm_b0", "mesa_quantize", "mesa_dequantize", "mesa_gelu", "mesa_softmax",
+        "mesa_layernorm", "dual_lora_linear", "pst_sparse_linear", "cubic_sparsity_schedule",
+        "pyra_token_merge", "snnk_linear", "random_feature_attention", "attentive_stats_pool",
+        "alpha_batchnorm", "nested_dropout", "low_frequency_crop", "coalesce", "decoalesce",
+        "interpolate_params",
+    } <= {s.name for s in registry.all_specs() if s.family == "layers"}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_reference_self_check(name):
     report = check_reference(name)
