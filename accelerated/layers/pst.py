@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from ...reference._checks import check_int, check_real
+from ...reference.layers.pst import _schedule_hyper  # the reference's checks, shared
 from .. import _runtime as rt
 
 __all__ = ["pst_sparse_linear", "PSTSparseLinear", "cubic_sparsity_schedule"]
@@ -630,18 +631,8 @@ def cubic_sparsity_schedule(step, total_steps, *, initial_sparsity=0.0, final_sp
     """PST's cubic sparsity schedule at ``step`` of ``total_steps``. A Python int gives a float; an
     integer tensor gives a float32 tensor of the same shape (torch ops, no kernel: see the module
     docstring). Same arguments and semantics as `twinops.reference.layers.pst.cubic_sparsity_schedule`."""
-    total = check_int(total_steps, "total_steps")
-    if total < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total}")
-    rho_i = check_real(initial_sparsity, "initial_sparsity", low=0.0, high=1.0)
-    rho_f = check_real(final_sparsity, "final_sparsity", low=0.0, high=1.0)
-    w_i = check_real(initial_warmup, "initial_warmup", low=0.0, high=1.0)
-    w_f = check_real(final_warmup, "final_warmup", low=0.0, high=1.0)
-    if w_i + w_f >= 1.0:
-        raise ValueError(f"initial_warmup + final_warmup must be < 1, got {w_i} + {w_f}")
-    freq = check_int(frequency, "frequency")
-    if freq < 1:
-        raise ValueError(f"frequency must be >= 1, got {freq}")
+    total, rho_i, rho_f, w_i, w_f, freq = _schedule_hyper(total_steps, initial_sparsity, final_sparsity,
+                                                         initial_warmup, final_warmup, frequency)
     start, end, span = w_i * total, total - w_f * total, total - (w_f + w_i) * total
     if isinstance(step, torch.Tensor):
         if step.dtype not in rt.INT_DTYPES:

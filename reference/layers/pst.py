@@ -207,13 +207,8 @@ def pst_sparse_linear_grad(grad, x, weight, bias, U, V, A, B, R, C, *, sparsity,
         }
 
 
-def cubic_sparsity_schedule(step, total_steps, *, initial_sparsity=0.0, final_sparsity=0.9, initial_warmup=0.1,
-                            final_warmup=0.3, frequency=1):
-    """The sparsity at ``step`` of ``total_steps`` (float64; an array for an array of steps)."""
-    s = np.asarray(step)
-    if s.dtype.kind not in "iu":
-        raise TypeError(f"step must be an int or an integer array, got dtype {s.dtype}")
-    s = as_int_array(s, "step", s.shape, "steps").astype(np.float64)
+def _schedule_hyper(total_steps, initial_sparsity, final_sparsity, initial_warmup, final_warmup, frequency):
+    """The schedule's hyper-parameters, checked (shared with the accelerated entry)."""
     total = check_int(total_steps, "total_steps")
     if total < 1:
         raise ValueError(f"total_steps must be >= 1, got {total}")
@@ -226,6 +221,18 @@ def cubic_sparsity_schedule(step, total_steps, *, initial_sparsity=0.0, final_sp
     freq = check_int(frequency, "frequency")
     if freq < 1:
         raise ValueError(f"frequency must be >= 1, got {freq}")
+    return total, rho_i, rho_f, w_i, w_f, freq
+
+
+def cubic_sparsity_schedule(step, total_steps, *, initial_sparsity=0.0, final_sparsity=0.9, initial_warmup=0.1,
+                            final_warmup=0.3, frequency=1):
+    """The sparsity at ``step`` of ``total_steps`` (float64; an array for an array of steps)."""
+    s = np.asarray(step)
+    if s.dtype.kind not in "iu":
+        raise TypeError(f"step must be an int or an integer array, got dtype {s.dtype}")
+    s = as_int_array(s, "step", s.shape, "steps").astype(np.float64)
+    total, rho_i, rho_f, w_i, w_f, freq = _schedule_hyper(total_steps, initial_sparsity, final_sparsity,
+                                                         initial_warmup, final_warmup, frequency)
     start = w_i * total
     span = total - (w_f + w_i) * total
     progress = s - start if freq == 1 else np.floor((s - start) / freq) * freq
