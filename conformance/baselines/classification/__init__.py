@@ -1,0 +1,1 @@
+"""Eager-PyTorch baselines of the classification losses, one module per technique or paper."""

@@ -1,0 +1,1 @@
+"""Specs of the classification losses (family ``classification/``), one module per technique or paper."""
