@@ -75,7 +75,8 @@ Semantics
 - ``reduction`` over the K per-column losses: ``"none"`` gives the (K,) losses (a 0-d scalar for
   1-D ``probs``), ``"sum"`` their sum, ``"mean"`` (default) their mean. For 1-D ``probs`` all
   three give the one loss.
-- NaN in ``probs`` makes the loss of its column NaN. ``+inf`` / ``-inf`` give $a_i = 1$ / $0$ and
+- NaN in ``probs`` makes the loss of its column NaN, and its whole gradient column NaN (for every
+  metric, also where $\partial M / \partial a_i$ does not involve the sums). ``+inf`` / ``-inf`` give $a_i = 1$ / $0$ and
   a zero gradient at that entry.
 - The gradient vanishes where $|p_i - \frac12| \gg 1/L$; that is the approximation's design.
 """
@@ -161,12 +162,14 @@ def _metric_grad(c, y, metric, beta, s):
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if metric == "f_beta":
             d = beta**2 * y1 + tp + fp + s
-            return (1 + beta**2) * (y * d - tp) / d**2
-        if metric == "g_mean":
-            return (y * tn - (1 - y) * tp) / (y1 * y0 + s)
-        if metric == "balanced_accuracy":
-            return (y * y0 - (1 - y) * y1) / (2 * y1 * y0 + s)
-        return (2 * y - 1) / c["n"] + 0 * tp  # 0 * tp: a NaN column stays NaN
+            out = (1 + beta**2) * (y * d - tp) / d**2
+        elif metric == "g_mean":
+            out = (y * tn - (1 - y) * tp) / (y1 * y0 + s)
+        elif metric == "balanced_accuracy":
+            out = (y * y0 - (1 - y) * y1) / (2 * y1 * y0 + s)
+        else:
+            out = (2 * y - 1) / c["n"]
+        return out + 0.0 * tp  # 0 * TP: a column holding a NaN gets a NaN gradient throughout
 
 
 def _reduce(losses, reduction, one_d):
