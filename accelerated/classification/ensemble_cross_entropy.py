@@ -1,0 +1,280 @@
+"""Ensemble cross-entropy (P24) as Triton kernels: K member reads forward, K reads and K writes
+backward, and no averaged (N, V) logits or (K, N, V) softmax in memory. See
+`twinops.reference.classification.ensemble_cross_entropy` for the definition.
+
+The K member logits of token i form a (K, V) block, read as (BLOCK_K, BLOCK_V) tiles: one program
+per token walks V in chunks and reads the K member rows of each chunk together.
+
+logit_mean, forward:   S_v = sum_k Z_kv (fp64),  z_v = S_v / (K t),  online (m, s) of z,
+                       loss = -((z_y - m) - log s)
+           backward:   dZ_kv = g / (K t) * (exp(z_v - m) / s - [v = y]), the same for every k
+prob_mean, forward:    K online pairs (m_k, s_k) of Z_k / t,  a_k = log p_k(y) = (Z_ky - m_k) / t - log s_k,
+                       loss = log K - logsumexp_k a_k
+           backward:   r_k = softmax_k(a_k),  dZ_kv = g r_k / t * (exp((Z_kv - m_k) / t) / s_k - [v = y])
+
+The member sum of logit_mean is formed in fp64: every softmax entry depends on the difference
+z_v - m of two averaged logits, and an fp32 sum of K logits of size |Z| rounds each by up to
+|Z| 2^-24, which becomes a relative error of the probabilities that outgrows fp32 tolerance for
+|Z| ~ 100 (and is an absolute error of 1e-3 in the loss at |Z| ~ 1e4). The fp64 adds cost K
+conversions and adds per element, far below the memory time. The forward saves (m, s), or K
+pairs of them, per token (16 bytes each, fp64); the backward recomputes the probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ...reference._checks import check_choice, check_int, check_real
+from ...reference.classification.ensemble_cross_entropy import MODES
+from .. import _runtime as rt
+from ._rowwise import load_label
+
+__all__ = ["ensemble_cross_entropy", "EnsembleCrossEntropy"]
+
+HAS_TRITON_BACKWARD = True
+
+# Elements per (BLOCK_K, BLOCK_V) tile and warps: BLOCK_V = block / BLOCK_K, so K = 4 members read
+# 1024 classes of each member row per chunk.
+LAUNCH = rt.RowLaunch(block=4096, warps=8)
+
+
+@triton.jit
+def _ensemble_forward_kernel(
+    logits_ptr, stride_k, stride_n, stride_v,  # (K, N, V) member logits; (k, i, v) at k*stride_k + i*stride_n + v*stride_v
+    target_ptr, stride_target,                 # (N,) integer labels
+    loss_ptr,                                  # out (N,) fp32: loss_i; 0 if ignored; NaN if the label is invalid
+    row_weight_ptr,                            # out (N,) fp32: 1, or 0 if ignored (the mean's denominator)
+    stats_ptr,                                 # out (N, KS, 2) fp64 contiguous: (m, s) per token (KS = 1) or per member (KS = K)
+    K, V, inv_temp, scale, log_k, ignore_index,  # scale = 1 / (K t), log_k = log K
+    PROB_MEAN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y, ignored, valid, safe = load_label(target_ptr, stride_target, row, V, ignore_index)
+    members = tl.arange(0, BLOCK_K).to(tl.int64)
+    live = members < K
+    row_ptrs = logits_ptr + row * stride_n + members * stride_k  # (BLOCK_K,) start of each member's row
+    z_target = tl.load(row_ptrs + safe * stride_v, mask=live, other=0.0).to(tl.float32)  # Z_ky
+
+    if PROB_MEAN:
+        m = tl.full([BLOCK_K], float("-inf"), tl.float32)  # running max of Z_k, in logit units
+        s = tl.zeros([BLOCK_K], tl.float32)                # running sum of exp((Z_kv - m_k) / t)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
+            mask = live[:, None] & (cols < V)[None, :]
+            x = tl.load(row_ptrs[:, None] + cols[None, :] * stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp((m - shift) * inv_temp) + tl.sum(tl.exp((x - shift[:, None]) * inv_temp), axis=1)
+            m = m_new
+        log_py = tl.where(live, (z_target - m) * inv_temp - tl.log(s), float("-inf"))  # a_k = log p_k(y)
+        a_max = tl.max(log_py, axis=0)
+        a_shift = tl.where(a_max == float("-inf"), 0.0, a_max)
+        loss = log_k - (a_shift + tl.log(tl.sum(tl.exp(log_py - a_shift), axis=0)))
+        stats = stats_ptr + (row * K + members) * 2
+        tl.store(stats, m.to(tl.float64), mask=live)
+        tl.store(stats + 1, s.to(tl.float64), mask=live)
+    else:
+        m = tl.full([], float("-inf"), tl.float64)  # running max of the member sums S_v
+        s = tl.zeros([], tl.float32)                # running sum of exp((S_v - m) / (K t))
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
+            mask = live[:, None] & (cols < V)[None, :]
+            x = tl.load(row_ptrs[:, None] + cols[None, :] * stride_v, mask=mask, other=0.0)
+            total = tl.sum(x.to(tl.float32).to(tl.float64), axis=0)  # S_v for this chunk
+            total = tl.where(cols < V, total, float("-inf"))
+            m_new = tl.maximum(m, tl.max(total, axis=0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(((m - shift) * scale).to(tl.float32)) \
+                + tl.sum(tl.exp(((total - shift) * scale).to(tl.float32)), axis=0)
+            m = m_new
+        s_target = tl.sum(z_target.to(tl.float64), axis=0)  # S_y
+        loss = tl.log(s) - ((s_target - m) * scale).to(tl.float32)
+        tl.store(stats_ptr + row * 2, m)
+        tl.store(stats_ptr + row * 2 + 1, s.to(tl.float64))
+
+    loss = tl.where(valid, loss, float("nan"))
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+    tl.store(row_weight_ptr + row, tl.where(ignored, 0.0, 1.0))
+
+
+@triton.jit
+def _ensemble_backward_kernel(
+    grad_loss_ptr, stride_grad,                # (N,) upstream gradient of the per-token losses (stride 0 if broadcast)
+    logits_ptr, stride_k, stride_n, stride_v,  # (K, N, V) member logits, as in the forward
+    target_ptr, stride_target,
+    stats_ptr,                                 # (N, KS, 2) fp64 saved by the forward
+    grad_ptr, grad_stride_k, grad_stride_n, grad_stride_v,  # out (K, N, V) in the logits' dtype
+    K, V, inv_temp, scale, inv_k, ignore_index,  # inv_k = 1 / K
+    PROB_MEAN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y, ignored, valid, safe = load_label(target_ptr, stride_target, row, V, ignore_index)
+    members = tl.arange(0, BLOCK_K).to(tl.int64)
+    live = members < K
+    row_ptrs = logits_ptr + row * stride_n + members * stride_k
+    out_ptrs = grad_ptr + row * grad_stride_n + members * grad_stride_k
+    g = tl.load(grad_loss_ptr + row * stride_grad).to(tl.float32)
+
+    if PROB_MEAN:
+        stats = stats_ptr + (row * K + members) * 2
+        m = tl.load(stats, mask=live, other=0.0).to(tl.float32)
+        s = tl.load(stats + 1, mask=live, other=1.0).to(tl.float32)
+        z_target = tl.load(row_ptrs + safe * stride_v, mask=live, other=0.0).to(tl.float32)
+        log_py = tl.where(live, (z_target - m) * inv_temp - tl.log(s), float("-inf"))
+        a_max = tl.max(log_py, axis=0)
+        e = tl.exp(log_py - tl.where(a_max == float("-inf"), 0.0, a_max))
+        total = tl.sum(e, axis=0)
+        # Responsibilities r_k; uniform when every member gives the target probability 0 (total = 0).
+        r = tl.where(total == 0.0, inv_k, e / total)
+        coef = tl.where(valid, g * r * inv_temp, float("nan"))  # (BLOCK_K,)
+        inv_s = 1.0 / s
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
+            mask = live[:, None] & (cols < V)[None, :]
+            x = tl.load(row_ptrs[:, None] + cols[None, :] * stride_v, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp((x - m[:, None]) * inv_temp) * inv_s[:, None]
+            d = coef[:, None] * (p - tl.where(cols == y, 1.0, 0.0)[None, :])
+            d = tl.where(ignored, 0.0, d)
+            tl.store(out_ptrs[:, None] + cols[None, :] * grad_stride_v, d.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        m = tl.load(stats_ptr + row * 2)
+        inv_s = 1.0 / tl.load(stats_ptr + row * 2 + 1).to(tl.float32)
+        coef = tl.where(valid, g * scale, float("nan"))
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
+            mask = live[:, None] & (cols < V)[None, :]
+            x = tl.load(row_ptrs[:, None] + cols[None, :] * stride_v, mask=mask, other=0.0)
+            total = tl.sum(x.to(tl.float32).to(tl.float64), axis=0)
+            p = tl.exp(((total - m) * scale).to(tl.float32)) * inv_s
+            d = coef * (p - tl.where(cols == y, 1.0, 0.0))
+            d = tl.where(ignored, 0.0, d)
+            d = tl.broadcast_to(d[None, :], (BLOCK_K, BLOCK_V))  # every member gets the same gradient
+            tl.store(out_ptrs[:, None] + cols[None, :] * grad_stride_v, d.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(k: int, v: int) -> dict:
+    """BLOCK_K (all members, padded to a power of two), BLOCK_V and warps for (K, V)."""
+    block_k = triton.next_power_of_2(k)
+    tuned = rt.SWEEP or LAUNCH
+    row = rt.row_launch(v, rt.RowLaunch(block=max(16, tuned.block // block_k), warps=tuned.warps))
+    block_v = row["BLOCK_C"]
+    if rt.interpreting():
+        block_v = max(16, block_v // block_k)  # keep interpreter tiles small so chunks cross boundaries
+    warps = min(tuned.warps, max(1, block_k * block_v // 256))
+    return {"BLOCK_K": block_k, "BLOCK_V": block_v, "num_warps": warps}
+
+
+def _scalars(k: int, temperature: float) -> tuple[float, float]:
+    return 1.0 / temperature, 1.0 / (k * temperature)
+
+
+@torch.library.custom_op("twinops::ensemble_cross_entropy_rows", mutates_args=())
+def _ensemble_rows(
+    logits: torch.Tensor, target: torch.Tensor, prob_mean: bool, temperature: float, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k, n, v = logits.shape
+    loss = torch.empty(n, device=logits.device, dtype=torch.float32)
+    row_weight = torch.empty_like(loss)
+    stats = torch.empty((n, k if prob_mean else 1, 2), device=logits.device, dtype=torch.float64)
+    if n > 0:
+        inv_temp, scale = _scalars(k, temperature)
+        _ensemble_forward_kernel[(n,)](
+            logits, logits.stride(0), logits.stride(1), logits.stride(2), target, target.stride(0),
+            loss, row_weight, stats, k, v, inv_temp, scale, math.log(k), ignore_index,
+            PROB_MEAN=prob_mean, **_launch(k, v),
+        )
+    return loss, row_weight, stats
+
+
+@_ensemble_rows.register_fake
+def _(logits, target, prob_mean, temperature, ignore_index):
+    k, n, _ = logits.shape
+    loss = logits.new_empty(n, dtype=torch.float32)
+    return loss, torch.empty_like(loss), logits.new_empty((n, k if prob_mean else 1, 2), dtype=torch.float64)
+
+
+@torch.library.custom_op("twinops::ensemble_cross_entropy_rows_backward", mutates_args=())
+def _ensemble_rows_backward(
+    grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
+    prob_mean: bool, temperature: float, ignore_index: int,
+) -> torch.Tensor:
+    k, n, v = logits.shape
+    grad_logits = torch.empty((k, n, v), device=logits.device, dtype=logits.dtype)
+    if n > 0:
+        inv_temp, scale = _scalars(k, temperature)
+        _ensemble_backward_kernel[(n,)](
+            grad_loss, grad_loss.stride(0), logits, logits.stride(0), logits.stride(1), logits.stride(2),
+            target, target.stride(0), stats,
+            grad_logits, grad_logits.stride(0), grad_logits.stride(1), grad_logits.stride(2),
+            k, v, inv_temp, scale, 1.0 / k, ignore_index, PROB_MEAN=prob_mean, **_launch(k, v),
+        )
+    return grad_logits
+
+
+@_ensemble_rows_backward.register_fake
+def _(grad_loss, logits, target, stats, prob_mean, temperature, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, prob_mean, temperature, ignore_index = inputs
+    ctx.save_for_backward(logits, target, output[2])
+    ctx.prob_mean, ctx.temperature, ctx.ignore_index = prob_mean, temperature, ignore_index
+
+
+def _backward(ctx, grad_loss, grad_row_weight, grad_stats):
+    logits, target, stats = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _ensemble_rows_backward(grad_loss, logits, target, stats, ctx.prob_mean, ctx.temperature,
+                                       ctx.ignore_index)
+    return grad, None, None, None, None
+
+
+_ensemble_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_logits(logits) -> torch.Tensor:
+    rt.check_float_tensor(logits, "logits", 3, "(K, N, V)")
+    if logits.shape[0] < 1:
+        raise ValueError(f"logits must have at least one ensemble member (K >= 1), got shape {tuple(logits.shape)}")
+    if logits.shape[2] < 1:
+        raise ValueError(f"logits must have at least one class (V >= 1), got shape {tuple(logits.shape)}")
+    return logits
+
+
+def ensemble_cross_entropy(logits, target, *, mode="logit_mean", temperature=1.0, ignore_index=-100,
+                           reduction="mean"):
+    """Cross-entropy of the ensemble of the K members in ``logits`` (K, N, V) against ``target`` (N,), on the GPU.
+
+    Same arguments and semantics as `twinops.reference.classification.ensemble_cross_entropy`;
+    returns the input dtype. Labels outside [0, V) that are not ``ignore_index`` give NaN for
+    their token (and so for a mean or sum) instead of an error, since checking them would
+    synchronise the device. The gradient with respect to ``logits`` is a new (K, N, V) tensor.
+    """
+    _check_logits(logits)
+    rt.check_target(target, logits.shape[1])
+    ignore_index = check_int(ignore_index, "ignore_index")
+    rt.check_reduction(reduction)
+    check_choice(mode, "mode", MODES)
+    temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
+    rt.check_device(("logits", logits), ("target", target))
+    loss, row_weight, _ = _ensemble_rows(logits, target, mode == "prob_mean", temperature, ignore_index)
+    return rt.reduce_rows(loss, row_weight, reduction, logits.dtype)
+
+
+class EnsembleCrossEntropy(torch.nn.Module):
+    """``nn.Module`` form of `ensemble_cross_entropy`: ``forward(logits (K, N, V), target (N,))``."""
+
+    def __init__(self, *, mode="logit_mean", temperature=1.0, ignore_index=-100, reduction="mean"):
+        super().__init__()
+        self.mode, self.temperature = mode, temperature
+        self.ignore_index, self.reduction = ignore_index, reduction
+
+    def forward(self, logits, target):
+        return ensemble_cross_entropy(logits, target, mode=self.mode, temperature=self.temperature,
+                                      ignore_index=self.ignore_index, reduction=self.reduction)
