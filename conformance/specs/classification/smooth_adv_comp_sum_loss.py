@@ -135,7 +135,8 @@ SMOOTH_ADV_COMP_SUM = row_loss_spec(
     wrong_ports={
         **ROW_LOSS_WRONG_PORTS,
         "norm of the raw score change": _full_vector_norm,
-        "adversarial logits detached": wrong_ports.replaces_argument("adv_logits", lambda a, kw: a.detach()),
+        # As a TRADES-style port that detaches the adversarial branch: no gradient reaches adv_logits.
+        "adversarial logits detached": wrong_ports.replaces_argument("adv_logits", lambda a, kw: a.detach() + 0.0 * a),
     },
     properties=("nu = 0 equals comp_sum_loss; adding a per-row constant to either logit row leaves the loss "
                 "unchanged (tested)",),
