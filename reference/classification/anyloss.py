@@ -94,8 +94,8 @@ METRICS = ("f_beta", "g_mean", "balanced_accuracy", "accuracy")
 
 def _prepare(probs, target, metric, beta, amplifier, smoothing, reduction):
     p = np.asarray(probs)
-    if p.dtype.kind not in "fiu" or p.dtype == np.bool_:
-        raise TypeError(f"probs must be a real floating-point array, got dtype {p.dtype}")
+    if p.dtype.kind != "f":
+        raise TypeError(f"probs must be a floating-point array of probabilities, got dtype {p.dtype}")
     if p.ndim not in (1, 2):
         raise ValueError(f"probs must have shape (N,) or (N, K), got {p.ndim} dimensions {p.shape}")
     if p.shape[0] < 1 or (p.ndim == 2 and p.shape[1] < 1):
