@@ -453,8 +453,8 @@ def _rtd_forward_kernel(
     z = tl.load(z_ptr + b * stride_zb + cols * stride_zl, mask=ok, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + b * stride_yb + cols * stride_yl, mask=ok, other=0).to(tl.float32)
     a = tl.load(a_ptr + b * stride_ab + cols * stride_al, mask=ok, other=0).to(tl.float32)
-    softplus = tl.maximum(z, 0.0) + log1p(tl.exp(-tl.abs(z)))
-    term = tl.where(a != 0.0, a * (softplus - y * z), 0.0)
+    zs = tl.where(y == 1.0, -z, z)  # softplus(z) - y z = softplus(-z) if y = 1 else softplus(z)
+    term = tl.where(a != 0.0, a * (tl.maximum(zs, 0.0) + log1p(tl.exp(-tl.abs(zs)))), 0.0)
     term = tl.where((y == 0.0) | (y == 1.0), term, float("nan"))
     tl.store(terms_ptr + b * L + cols, term, mask=ok)
 
@@ -476,8 +476,9 @@ def _rtd_backward_kernel(
     y = tl.load(y_ptr + b * stride_yb + cols * stride_yl, mask=ok, other=0).to(tl.float32)
     a = tl.load(a_ptr + b * stride_ab + cols * stride_al, mask=ok, other=0).to(tl.float32)
     g = tl.load(g_ptr + b * stride_gb + cols * stride_gl, mask=ok, other=0.0).to(tl.float32)
-    sigmoid = 1.0 / (1.0 + tl.exp(-z))
-    dz = tl.where(a != 0.0, g * a * (sigmoid - y), 0.0)
+    zs = tl.where(y == 1.0, -z, z)
+    sigmoid = 1.0 / (1.0 + tl.exp(-zs))  # sigma(z) - y = -sigma(-z) if y = 1 else sigma(z)
+    dz = tl.where(a != 0.0, g * a * tl.where(y == 1.0, -sigmoid, sigmoid), 0.0)
     dz = tl.where((y == 0.0) | (y == 1.0), dz, float("nan"))
     tl.store(dz_ptr + b * stride_db + cols * stride_dl, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 

@@ -78,8 +78,10 @@ Semantics
   weights (1 = real token). `"mean"` is the global token mean above (not a per-sequence mean; 0
   when the mask is all zero); `"sum"` the numerator; `"none"` the (B, L) terms
   $a\,(\operatorname{softplus}(z) - y z)$. Masked tokens ($a = 0$) contribute 0 and gradient 0,
-  even when their logits are NaN. `softplus` is evaluated stably as
-  $\max(z, 0) + \log(1 + e^{-|z|})$. Labels outside {0, 1} raise `ValueError` (NaN terms in the
+  even when their logits are NaN. Each term is evaluated as $\operatorname{softplus}(\pm z)$
+  ($-z$ for a replaced token), itself as $\max(s, 0) + \log(1 + e^{-|s|})$, so $z = \pm\infty$ gives
+  0 when the prediction is right and $+\infty$ when it is wrong; the gradient
+  $\sigma(z) - y$ is evaluated as $-\sigma(-z)$ for $y = 1$. Labels outside {0, 1} raise `ValueError` (NaN terms in the
   kernel). The mask receives no gradient.
 """
 
@@ -230,11 +232,15 @@ def _softplus(z: np.ndarray) -> np.ndarray:
     return np.maximum(z, 0.0) + np.log1p(np.exp(-np.abs(z)))
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
 def rtd_loss(logits, labels, attention_mask, *, reduction="mean"):
     """ELECTRA's replaced-token-detection loss: masked binary cross-entropy, a global token mean."""
     z, y, a, active = _rtd_inputs(logits, labels, attention_mask, reduction)
     with np.errstate(invalid="ignore", over="ignore"):
-        terms = np.where(active, a * (_softplus(z) - y * z), 0.0)
+        terms = np.where(active, a * _softplus(np.where(y == 1.0, -z, z)), 0.0)  # = softplus(z) - y z
     if reduction == "none":
         return terms
     if reduction == "sum":
@@ -255,5 +261,5 @@ def rtd_loss_grad(grad, logits, labels, attention_mask, *, reduction="mean"):
             raise ValueError(f"grad must be a scalar for reduction={reduction!r}, got shape {grad.shape}")
         scale = float(grad) / (1.0 if reduction == "sum" else a.sum() + EPS)
     with np.errstate(invalid="ignore", over="ignore"):
-        sigmoid = 0.5 * (1.0 + np.tanh(0.5 * z))
-        return np.where(active, scale * a * (sigmoid - y), 0.0)
+        sigmoid_minus_y = np.where(y == 1.0, -_sigmoid(-z), _sigmoid(z))  # sigma(z) - y without cancellation
+        return np.where(active, scale * a * sigmoid_minus_y, 0.0)
