@@ -1,0 +1,113 @@
+"""Ramp loss (P28): the reference against hand-computed values and a loop, the kernels' behaviour."""
+
+import numpy as np
+import pytest
+import torch
+
+from twinops.accelerated.classification.ramp_loss import RampLoss, ramp_loss
+from twinops.reference.classification.ramp_loss import ramp_loss as ref_ramp
+from twinops.reference.classification.ramp_loss import ramp_loss_grad as ref_ramp_grad
+
+SCORES = np.array([2.0, 0.5, -0.3, 0.0, 1.0, 0.25])
+TARGET = np.array([1, 1, 1, -1, 0, -1])
+
+
+def test_reference_hand_computed():
+    # kappa y f = [2, 0.5, -0.3, 0, -1, -0.25] -> loss [0, 0.5, 1, 1, 1, 1]
+    np.testing.assert_allclose(ref_ramp(SCORES, TARGET, reduction="none"), [0, 0.5, 1, 1, 1, 1])
+    # kappa = 2: [4, 1, -0.6, 0, -2, -0.5] -> [0, 0, 1, 1, 1, 1]
+    np.testing.assert_allclose(ref_ramp(SCORES, TARGET, kappa=2.0, reduction="none"), [0, 0, 1, 1, 1, 1])
+    assert ref_ramp(SCORES, TARGET) == pytest.approx(4.5 / 6)
+    assert ref_ramp(SCORES, TARGET, reduction="sum") == pytest.approx(4.5)
+
+
+def test_reference_label_conventions_agree():
+    pm = np.array([1, -1, 1, -1, -1, 1])
+    np.testing.assert_array_equal(ref_ramp(SCORES, pm, reduction="none"),
+                                  ref_ramp(SCORES, np.where(pm == 1, 1, 0), reduction="none"))
+
+
+def test_reference_gradient_against_a_loop():
+    rng = np.random.default_rng(0)
+    f, y = rng.normal(size=50), rng.choice([-1, 1], size=50)
+    g = rng.normal(size=50)
+    kappa = 1.7
+    want = []
+    for fi, yi, gi in zip(f, y, g):
+        m = kappa * yi * fi
+        want.append(-kappa * yi * gi if 0 < m < 1 else 0.0)
+    np.testing.assert_allclose(ref_ramp_grad(g, f, y, kappa=kappa, reduction="none"), want)
+    np.testing.assert_allclose(ref_ramp_grad(np.float64(2.0), f, y, kappa=kappa),
+                               ref_ramp_grad(np.full(50, 2.0 / 50), f, y, kappa=kappa, reduction="none"))
+
+
+def test_reference_corners_have_zero_gradient_and_bad_labels_raise():
+    g = ref_ramp_grad(np.ones(3), np.array([0.0, 1.0, 0.5]), np.array([1, 1, 1]), reduction="none")
+    np.testing.assert_array_equal(g, [0.0, 0.0, -1.0])
+    with pytest.raises(ValueError, match="target"):
+        ref_ramp(np.zeros(2), np.array([1, 2]))
+    with pytest.raises(ValueError, match="kappa"):
+        ref_ramp(np.zeros(2), np.array([1, -1]), kappa=0.0)
+
+
+def test_empty_batch():
+    assert np.isnan(ref_ramp(np.zeros(0), np.zeros(0, np.int64)))
+    out = ramp_loss(torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    assert torch.isnan(out)
+    assert ramp_loss(torch.zeros(0), torch.zeros(0, dtype=torch.int64), reduction="sum").item() == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_kernel_matches_reference_with_upstream_gradient(reduction):
+    rng = np.random.default_rng(1)
+    f = torch.tensor(rng.uniform(-1.5, 1.5, 37), dtype=torch.float32)  # crosses 16-wide tiles
+    t = torch.tensor(rng.choice([-1, 0, 1], size=37))
+    x = f.clone().requires_grad_(True)
+    out = ramp_loss(x, t, kappa=1.5, reduction=reduction)
+    g = torch.rand_like(out) + 0.5
+    (gx,) = torch.autograd.grad(out, x, g)
+    np.testing.assert_allclose(out.detach().numpy(), ref_ramp(f.double().numpy(), t.numpy(), kappa=1.5,
+                                                                reduction=reduction), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gx.numpy(), ref_ramp_grad(g.double().numpy(), f.double().numpy(), t.numpy(),
+                                                         kappa=1.5, reduction=reduction), rtol=1e-6, atol=1e-7)
+
+
+def test_module_view_and_inputs_untouched():
+    f = torch.linspace(-2, 2, 41)
+    t = torch.tensor([1, -1] * 20 + [1])
+    strided = torch.zeros(82)
+    strided[::2] = f
+    view = strided[::2]
+    f0, t0 = f.clone(), t.clone()
+    torch.testing.assert_close(RampLoss(kappa=2.0, reduction="none")(view, t), ramp_loss(f, t, kappa=2.0, reduction="none"))
+    assert torch.equal(f, f0) and torch.equal(t, t0)
+
+
+def test_compile_forward_and_backward():
+    f = torch.linspace(-2, 2, 20).requires_grad_(True)
+    t = torch.tensor([1, -1] * 10)
+    fn = torch.compile(lambda f, t: ramp_loss(f, t, kappa=1.5), fullgraph=True, backend="aot_eager")
+    out = fn(f, t)
+    (g,) = torch.autograd.grad(out, f)
+    f2 = f.detach().clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(ramp_loss(f2, t, kappa=1.5), f2)
+    torch.testing.assert_close(out, ramp_loss(f2.detach(), t, kappa=1.5))
+    torch.testing.assert_close(g, g2)
+
+
+def test_no_graph_without_grad_and_invalid_label_is_nan():
+    out = ramp_loss(torch.zeros(4), torch.tensor([1, -1, 1, 0]))
+    assert out.grad_fn is None
+    rows = ramp_loss(torch.zeros(3), torch.tensor([1, 5, -1]), reduction="none")
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+
+
+def test_clear_errors():
+    with pytest.raises(TypeError, match="target"):
+        ramp_loss(torch.zeros(2), torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="scores"):
+        ramp_loss(torch.zeros(2, 1), torch.tensor([1, -1]))
+    with pytest.raises(ValueError, match="kappa"):
+        ramp_loss(torch.zeros(2), torch.tensor([1, -1]), kappa=-1.0)
+    with pytest.raises(ValueError, match="reduction"):
+        ramp_loss(torch.zeros(2), torch.tensor([1, -1]), reduction="avg")
