@@ -129,12 +129,16 @@ def _examples() -> list[Sample]:
         grad = upstream_grad(rng, (k,) if reduction == "none" and k is not None else ())
         out.append(Sample({"probs": probs, "target": np.asarray(target)}, kwargs, ("probs",), grad_out=grad, note=note))
 
-    for metric in METRICS:
+    for metric in ("f_beta", "g_mean", "balanced_accuracy"):
         add(p, np.zeros(9, np.int64), "all negative (Y1 = 0)", metric=metric)
+    for metric in ("g_mean", "balanced_accuracy", "accuracy"):
         add(p, np.ones(9, np.int64), "all positive (Y0 = 0)", metric=metric, reduction="sum")
-        add(nan_p, y, "NaN probability", metric=metric)
-        add(inf_p, y, "+inf and -inf probabilities", metric=metric)
-        add(p2, y2, "multilabel, single-class columns", metric=metric, reduction="none")
+    add(nan_p, y, "NaN probability", metric="g_mean")
+    add(nan_p, y, "NaN probability (the gradient of accuracy does not involve the sums)", metric="accuracy")
+    add(inf_p, y, "+inf and -inf probabilities", metric="f_beta")
+    add(inf_p, y, "+inf and -inf probabilities", metric="balanced_accuracy", reduction="none")
+    add(p2, y2, "multilabel, single-class columns", metric="g_mean", reduction="none")
+    add(p2, y2, "multilabel, single-class columns", metric="balanced_accuracy", reduction="mean")
     add(nan_p2, y2, "multilabel, NaN in column 5", reduction="none", metric="g_mean")
     add(np.array([0.3]), np.array([1]), "one row", metric="g_mean")
     add(np.array([0.7]), np.array([0]), "one row", metric="accuracy", amplifier=5.0)
