@@ -306,7 +306,7 @@ def _generator_backward(
     precision = rt.dot_precision(hidden.dtype)
     common = (hidden, hidden.stride(0), hidden.stride(1), weight, weight.stride(0), weight.stride(1),
               b, b_stride, target, target.stride(0), slot_weight, slot_weight.stride(0), stats)
-    d_hidden = d_weight = d_bias = hidden.new_empty(0)
+    d_hidden, d_weight, d_bias = hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
     if need_hidden:
         acc = torch.zeros((m, h), device=hidden.device, dtype=torch.float32)
         if m > 0:
@@ -317,7 +317,7 @@ def _generator_backward(
         d_hidden = acc.to(hidden.dtype)
     if need_weight or need_bias:
         acc = torch.zeros((v, h) if need_weight else (0,), device=hidden.device, dtype=torch.float32)
-        db = torch.zeros(v, device=hidden.device, dtype=bias.dtype) if need_bias else hidden.new_empty(0)
+        db = torch.zeros(v, device=hidden.device, dtype=bias.dtype) if need_bias else d_bias
         if m > 0:
             tiles = _tiles("dw")
             _generator_dw_kernel[(triton.cdiv(v, tiles["BLOCK_V"]),)](
@@ -332,10 +332,9 @@ def _generator_backward(
 
 @_generator_backward.register_fake
 def _(grad_terms, hidden, weight, bias, target, slot_weight, stats, need_hidden, need_weight, need_bias):
-    empty = hidden.new_empty(0)
-    return (hidden.new_empty(hidden.shape) if need_hidden else empty,
-            weight.new_empty(weight.shape) if need_weight else empty,
-            bias.new_empty(bias.shape) if need_bias else empty)
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            hidden.new_empty(bias.shape if need_bias else (0,)))
 
 
 def _generator_setup_context(ctx, inputs, output):
