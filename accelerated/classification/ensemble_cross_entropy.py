@@ -2,22 +2,26 @@
 backward, and no averaged (N, V) logits or (K, N, V) softmax in memory. See
 `twinops.reference.classification.ensemble_cross_entropy` for the definition.
 
-The K member logits of token i form a (K, V) block, read as (BLOCK_K, BLOCK_V) tiles: one program
-per token walks V in chunks and reads the K member rows of each chunk together.
+One program per token. Its K member rows are read in ``BLOCK_V``-wide chunks, each chunk one
+contiguous load like a single-model cross-entropy's, so the memory pattern is that of K row-wise
+losses; only O(K) numbers per token persist between passes.
 
-logit_mean, forward:   S_v = sum_k Z_kv (fp64),  z_v = S_v / (K t),  online (m, s) of z,
-                       loss = -((z_y - m) - log s)
-           backward:   dZ_kv = g / (K t) * (exp(z_v - m) / s - [v = y]), the same for every k
-prob_mean, forward:    K online pairs (m_k, s_k) of Z_k / t,  a_k = log p_k(y) = (Z_ky - m_k) / t - log s_k,
-                       loss = log K - logsumexp_k a_k
-           backward:   r_k = softmax_k(a_k),  dZ_kv = g r_k / t * (exp((Z_kv - m_k) / t) / s_k - [v = y])
+logit_mean, forward:   walk V; in each chunk sum the K members' logits, S_v = sum_k Z_kv (fp64),
+                       z_v = S_v / (K t) and keep one online (m, s) of z; loss = log s - (z_y - m)
+           backward:   dZ_kv = g / (K t) * (exp(z_v - m) / s - [v = y]), recomputed per chunk and
+                       written to all K members
+prob_mean, forward:    for each member k, the online (m_k, s_k) of Z_k / t (``row_max_sumexp``),
+                       a_k = log p_k(y) = (Z_ky - m_k) / t - log s_k, and an online log-sum-exp of
+                       the a_k over members; loss = log K - logsumexp_k a_k
+           backward:   the a_k again (K scalar loads), r_k = softmax_k(a_k), then for each member
+                       dZ_kv = g r_k / t * (exp((Z_kv - m_k) / t) / s_k - [v = y])
 
-The member sum of logit_mean is formed in fp64: every softmax entry depends on the difference
+The member sum of logit_mean is formed in fp64: every probability depends on the difference
 z_v - m of two averaged logits, and an fp32 sum of K logits of size |Z| rounds each by up to
-|Z| 2^-24, which becomes a relative error of the probabilities that outgrows fp32 tolerance for
-|Z| ~ 100 (and is an absolute error of 1e-3 in the loss at |Z| ~ 1e4). The fp64 adds cost K
-conversions and adds per element, far below the memory time. The forward saves (m, s), or K
-pairs of them, per token (16 bytes each, fp64); the backward recomputes the probabilities.
+|Z| 2^-24, which becomes a relative error of the probabilities beyond fp32 tolerance for |Z| ~ 100
+(and an absolute error of 1e-3 in the loss at |Z| ~ 1e4). The fp64 work is K conversions and
+adds per class, far below the memory time on data-centre GPUs. The forward saves (m, s) per token
+(logit_mean) or per member and token (prob_mean) as fp64, 16 bytes each.
 """
 
 from __future__ import annotations
@@ -31,15 +35,33 @@ import triton.language as tl
 from ...reference._checks import check_choice, check_int, check_real
 from ...reference.classification.ensemble_cross_entropy import MODES
 from .. import _runtime as rt
-from ._rowwise import load_label
+from ._rowwise import load_label, row_max_sumexp
 
 __all__ = ["ensemble_cross_entropy", "EnsembleCrossEntropy"]
 
 HAS_TRITON_BACKWARD = True
 
-# Elements per (BLOCK_K, BLOCK_V) tile and warps: BLOCK_V = block / BLOCK_K, so K = 4 members read
-# 1024 classes of each member row per chunk.
+# Chunk width x warps per token program (each chunk is one member row's slice, as in comp_sum_loss).
 LAUNCH = rt.RowLaunch(block=4096, warps=8)
+
+
+@triton.jit
+def _member_logit_sum(row_ptr, stride_k, cols, mask, stride_v, K):
+    """S_v = sum_k Z_kv over the K members for the columns ``cols`` of one token, in fp64."""
+    total = tl.zeros(cols.shape, tl.float64)
+    for k in range(K):
+        x = tl.load(row_ptr + k * stride_k + cols * stride_v, mask=mask, other=0.0)
+        total += x.to(tl.float32).to(tl.float64)
+    return total
+
+
+@triton.jit
+def _member_target_log_prob(row_ptr, stride_k, stride_v, stats_ptr, k, safe, inv_temp):
+    """a_k = log p_k(y) = (Z_ky - m_k) / t - log s_k from the saved (m_k, s_k) of member k."""
+    m = tl.load(stats_ptr + k * 2).to(tl.float32)
+    s = tl.load(stats_ptr + k * 2 + 1).to(tl.float32)
+    z_target = tl.load(row_ptr + k * stride_k + safe * stride_v).to(tl.float32)
+    return (z_target - m) * inv_temp - tl.log(s), m, s
 
 
 @triton.jit
@@ -49,49 +71,44 @@ def _ensemble_forward_kernel(
     loss_ptr,                                  # out (N,) fp32: loss_i; 0 if ignored; NaN if the label is invalid
     row_weight_ptr,                            # out (N,) fp32: 1, or 0 if ignored (the mean's denominator)
     stats_ptr,                                 # out (N, KS, 2) fp64 contiguous: (m, s) per token (KS = 1) or per member (KS = K)
-    K, V, inv_temp, scale, log_k, ignore_index,  # scale = 1 / (K t), log_k = log K
-    PROB_MEAN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    K, V, inv_temp, scale, log_k, ignore_index,  # inv_temp = 1 / t, scale = 1 / (K t), log_k = log K
+    PROB_MEAN: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    stride_k = tl.zeros([], tl.int64) + stride_k  # int64, so that k * stride_k cannot overflow
+    row_ptr = logits_ptr + row * stride_n  # member 0 of this token; member k is k * stride_k further
     y, ignored, valid, safe = load_label(target_ptr, stride_target, row, V, ignore_index)
-    members = tl.arange(0, BLOCK_K).to(tl.int64)
-    live = members < K
-    row_ptrs = logits_ptr + row * stride_n + members * stride_k  # (BLOCK_K,) start of each member's row
-    z_target = tl.load(row_ptrs + safe * stride_v, mask=live, other=0.0).to(tl.float32)  # Z_ky
 
     if PROB_MEAN:
-        m = tl.full([BLOCK_K], float("-inf"), tl.float32)  # running max of Z_k, in logit units
-        s = tl.zeros([BLOCK_K], tl.float32)                # running sum of exp((Z_kv - m_k) / t)
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
-            mask = live[:, None] & (cols < V)[None, :]
-            x = tl.load(row_ptrs[:, None] + cols[None, :] * stride_v, mask=mask, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp((m - shift) * inv_temp) + tl.sum(tl.exp((x - shift[:, None]) * inv_temp), axis=1)
-            m = m_new
-        log_py = tl.where(live, (z_target - m) * inv_temp - tl.log(s), float("-inf"))  # a_k = log p_k(y)
-        a_max = tl.max(log_py, axis=0)
-        a_shift = tl.where(a_max == float("-inf"), 0.0, a_max)
-        loss = log_k - (a_shift + tl.log(tl.sum(tl.exp(log_py - a_shift), axis=0)))
-        stats = stats_ptr + (row * K + members) * 2
-        tl.store(stats, m.to(tl.float64), mask=live)
-        tl.store(stats + 1, s.to(tl.float64), mask=live)
+        stats = stats_ptr + row * K * 2
+        a_max = tl.full([], float("-inf"), tl.float32)  # online log-sum-exp of the a_k over members
+        a_sum = tl.zeros([], tl.float32)
+        for k in range(K):
+            m, s = row_max_sumexp(row_ptr + k * stride_k, stride_v, V, inv_temp, BLOCK_V)
+            tl.store(stats + k * 2, m.to(tl.float64))
+            tl.store(stats + k * 2 + 1, s.to(tl.float64))
+            a = (tl.load(row_ptr + k * stride_k + safe * stride_v).to(tl.float32) - m) * inv_temp - tl.log(s)
+            a_new = tl.maximum(a_max, a)
+            shift = tl.where(a_new == float("-inf"), 0.0, a_new)
+            a_sum = a_sum * tl.exp(a_max - shift) + tl.exp(a - shift)  # a NaN a_k makes the sum NaN
+            a_max = a_new
+        shift = tl.where(a_max == float("-inf"), 0.0, a_max)
+        loss = log_k - (shift + tl.log(a_sum))
     else:
         m = tl.full([], float("-inf"), tl.float64)  # running max of the member sums S_v
         s = tl.zeros([], tl.float32)                # running sum of exp((S_v - m) / (K t))
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
-            mask = live[:, None] & (cols < V)[None, :]
-            x = tl.load(row_ptrs[:, None] + cols[None, :] * stride_v, mask=mask, other=0.0)
-            total = tl.sum(x.to(tl.float32).to(tl.float64), axis=0)  # S_v for this chunk
+            total = _member_logit_sum(row_ptr, stride_k, cols, cols < V, stride_v, K)
             total = tl.where(cols < V, total, float("-inf"))
             m_new = tl.maximum(m, tl.max(total, axis=0))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s * tl.exp(((m - shift) * scale).to(tl.float32)) \
                 + tl.sum(tl.exp(((total - shift) * scale).to(tl.float32)), axis=0)
             m = m_new
-        s_target = tl.sum(z_target.to(tl.float64), axis=0)  # S_y
+        s_target = tl.zeros([], tl.float64)  # S_y, summed in the same order as the chunks' S_v
+        for k in range(K):
+            s_target += tl.load(row_ptr + k * stride_k + safe * stride_v).to(tl.float32).to(tl.float64)
         loss = tl.log(s) - ((s_target - m) * scale).to(tl.float32)
         tl.store(stats_ptr + row * 2, m)
         tl.store(stats_ptr + row * 2 + 1, s.to(tl.float64))
@@ -109,63 +126,60 @@ def _ensemble_backward_kernel(
     stats_ptr,                                 # (N, KS, 2) fp64 saved by the forward
     grad_ptr, grad_stride_k, grad_stride_n, grad_stride_v,  # out (K, N, V) in the logits' dtype
     K, V, inv_temp, scale, inv_k, ignore_index,  # inv_k = 1 / K
-    PROB_MEAN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    PROB_MEAN: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    stride_k = tl.zeros([], tl.int64) + stride_k  # int64, so that k * stride_k cannot overflow
+    grad_stride_k = tl.zeros([], tl.int64) + grad_stride_k
+    row_ptr = logits_ptr + row * stride_n
+    out_ptr = grad_ptr + row * grad_stride_n
     y, ignored, valid, safe = load_label(target_ptr, stride_target, row, V, ignore_index)
-    members = tl.arange(0, BLOCK_K).to(tl.int64)
-    live = members < K
-    row_ptrs = logits_ptr + row * stride_n + members * stride_k
-    out_ptrs = grad_ptr + row * grad_stride_n + members * grad_stride_k
     g = tl.load(grad_loss_ptr + row * stride_grad).to(tl.float32)
 
     if PROB_MEAN:
-        stats = stats_ptr + (row * K + members) * 2
-        m = tl.load(stats, mask=live, other=0.0).to(tl.float32)
-        s = tl.load(stats + 1, mask=live, other=1.0).to(tl.float32)
-        z_target = tl.load(row_ptrs + safe * stride_v, mask=live, other=0.0).to(tl.float32)
-        log_py = tl.where(live, (z_target - m) * inv_temp - tl.log(s), float("-inf"))
-        a_max = tl.max(log_py, axis=0)
-        e = tl.exp(log_py - tl.where(a_max == float("-inf"), 0.0, a_max))
-        total = tl.sum(e, axis=0)
-        # Responsibilities r_k; uniform when every member gives the target probability 0 (total = 0).
-        r = tl.where(total == 0.0, inv_k, e / total)
-        coef = tl.where(valid, g * r * inv_temp, float("nan"))  # (BLOCK_K,)
-        inv_s = 1.0 / s
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
-            mask = live[:, None] & (cols < V)[None, :]
-            x = tl.load(row_ptrs[:, None] + cols[None, :] * stride_v, mask=mask, other=0.0).to(tl.float32)
-            p = tl.exp((x - m[:, None]) * inv_temp) * inv_s[:, None]
-            d = coef[:, None] * (p - tl.where(cols == y, 1.0, 0.0)[None, :])
-            d = tl.where(ignored, 0.0, d)
-            tl.store(out_ptrs[:, None] + cols[None, :] * grad_stride_v, d.to(grad_ptr.dtype.element_ty), mask=mask)
+        stats = stats_ptr + row * K * 2
+        a_max = tl.full([], float("-inf"), tl.float32)
+        a_sum = tl.zeros([], tl.float32)
+        for k in range(K):
+            a, m, s = _member_target_log_prob(row_ptr, stride_k, stride_v, stats, k, safe, inv_temp)
+            a_new = tl.maximum(a_max, a)
+            shift = tl.where(a_new == float("-inf"), 0.0, a_new)
+            a_sum = a_sum * tl.exp(a_max - shift) + tl.exp(a - shift)
+            a_max = a_new
+        a_shift = tl.where(a_max == float("-inf"), 0.0, a_max)
+        for k in range(K):
+            a, m, s = _member_target_log_prob(row_ptr, stride_k, stride_v, stats, k, safe, inv_temp)
+            # Responsibility r_k; uniform when every member gives the target probability 0 (a_sum = 0).
+            r = tl.where(a_sum == 0.0, inv_k, tl.exp(a - a_shift) / a_sum)
+            coef = tl.where(valid, g * r * inv_temp, float("nan"))
+            inv_s = 1.0 / s
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
+                mask = cols < V
+                x = tl.load(row_ptr + k * stride_k + cols * stride_v, mask=mask, other=0.0).to(tl.float32)
+                p = tl.exp((x - m) * inv_temp) * inv_s
+                d = tl.where(ignored, 0.0, coef * (p - tl.where(cols == y, 1.0, 0.0)))
+                tl.store(out_ptr + k * grad_stride_k + cols * grad_stride_v, d.to(grad_ptr.dtype.element_ty),
+                         mask=mask)
     else:
         m = tl.load(stats_ptr + row * 2)
         inv_s = 1.0 / tl.load(stats_ptr + row * 2 + 1).to(tl.float32)
         coef = tl.where(valid, g * scale, float("nan"))
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
-            mask = live[:, None] & (cols < V)[None, :]
-            x = tl.load(row_ptrs[:, None] + cols[None, :] * stride_v, mask=mask, other=0.0)
-            total = tl.sum(x.to(tl.float32).to(tl.float64), axis=0)
+            mask = cols < V
+            total = _member_logit_sum(row_ptr, stride_k, cols, mask, stride_v, K)
             p = tl.exp(((total - m) * scale).to(tl.float32)) * inv_s
-            d = coef * (p - tl.where(cols == y, 1.0, 0.0))
-            d = tl.where(ignored, 0.0, d)
-            d = tl.broadcast_to(d[None, :], (BLOCK_K, BLOCK_V))  # every member gets the same gradient
-            tl.store(out_ptrs[:, None] + cols[None, :] * grad_stride_v, d.to(grad_ptr.dtype.element_ty), mask=mask)
+            d = tl.where(ignored, 0.0, coef * (p - tl.where(cols == y, 1.0, 0.0)))
+            d = d.to(grad_ptr.dtype.element_ty)
+            for k in range(K):  # every member gets the same gradient
+                tl.store(out_ptr + k * grad_stride_k + cols * grad_stride_v, d, mask=mask)
 
 
-def _launch(k: int, v: int) -> dict:
-    """BLOCK_K (all members, padded to a power of two), BLOCK_V and warps for (K, V)."""
-    block_k = triton.next_power_of_2(k)
-    tuned = rt.SWEEP or LAUNCH
-    row = rt.row_launch(v, rt.RowLaunch(block=max(16, tuned.block // block_k), warps=tuned.warps))
-    block_v = row["BLOCK_C"]
-    if rt.interpreting():
-        block_v = max(16, block_v // block_k)  # keep interpreter tiles small so chunks cross boundaries
-    warps = min(tuned.warps, max(1, block_k * block_v // 256))
-    return {"BLOCK_K": block_k, "BLOCK_V": block_v, "num_warps": warps}
+def _launch(v: int) -> dict:
+    """``BLOCK_V`` and warps for rows of V classes."""
+    launch = rt.row_launch(v, LAUNCH)
+    return {"BLOCK_V": launch["BLOCK_C"], "num_warps": launch["num_warps"]}
 
 
 def _scalars(k: int, temperature: float) -> tuple[float, float]:
@@ -185,7 +199,7 @@ def _ensemble_rows(
         _ensemble_forward_kernel[(n,)](
             logits, logits.stride(0), logits.stride(1), logits.stride(2), target, target.stride(0),
             loss, row_weight, stats, k, v, inv_temp, scale, math.log(k), ignore_index,
-            PROB_MEAN=prob_mean, **_launch(k, v),
+            PROB_MEAN=prob_mean, **_launch(v),
         )
     return loss, row_weight, stats
 
@@ -210,7 +224,7 @@ def _ensemble_rows_backward(
             grad_loss, grad_loss.stride(0), logits, logits.stride(0), logits.stride(1), logits.stride(2),
             target, target.stride(0), stats,
             grad_logits, grad_logits.stride(0), grad_logits.stride(1), grad_logits.stride(2),
-            k, v, inv_temp, scale, 1.0 / k, ignore_index, PROB_MEAN=prob_mean, **_launch(k, v),
+            k, v, inv_temp, scale, 1.0 / k, ignore_index, PROB_MEAN=prob_mean, **_launch(v),
         )
     return grad_logits
 
