@@ -168,8 +168,8 @@ def _norms_clamped_separately(fn):
 
 
 def _source_frozen(fn):
-    """A port that never differentiates the source embedding."""
-    return lambda *, pred, source, **kw: fn(pred=pred, source=source.detach(), **kw)
+    """A port that treats the source embedding as a constant: its gradient comes back as zeros."""
+    return lambda *, pred, source, **kw: fn(pred=pred, source=source.detach(), **kw) + 0.0 * source.sum()
 
 
 ID_COSINE = Spec(
