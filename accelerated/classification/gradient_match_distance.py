@@ -11,8 +11,8 @@ row numbering); program ``p`` finds its tensor by a binary search over the table
 reads its row in place: nothing is copied or concatenated.
 
 Forward, per packed row p (row o of tensor l), a = real row, b = synthetic row:
-    stats[p] = (d_p, <a,b>, |a|^2, |b|^2, |b - a|^2),  d_p = 1 - <a,b>/(|a||b| + eps)  (0 for 1-D tensors)
-    total:  "ours" sum_p d_p,  "mse" sum_p |b - a|^2,  "cos" 1 - sum<a,b>/(sqrt(sum|a|^2) sqrt(sum|b|^2) + eps)
+    stats[p] = ([tensor has >= 2 dims], <a,b>, |a|^2, |b|^2, |b - a|^2)
+    total:  "ours" sum_p d_p over rows of tensors with >= 2 dims, d_p = 1 - <a,b>/(|a||b| + eps),  "mse" sum_p |b - a|^2,  "cos" 1 - sum<a,b>/(sqrt(sum|a|^2) sqrt(sum|b|^2) + eps)
 Backward, per packed row: d/db = alpha_p a + beta_p b, with (alpha, beta) from that row's sums
 ("ours"), the totals ("cos") or (-2g, 2g) ("mse"); written into one packed buffer that is
 returned as per-tensor views. Extra memory: 5 floats a row and 17 int64 a tensor.
@@ -41,152 +41,164 @@ SYN, REAL, ROW_START, ROWS, N1, N2, N3 = 0, 1, 2, 3, 4, 5, 6
 S0, S1, S2, S3, R0, R1, R2, R3 = 7, 8, 9, 10, 11, 12, 13, 14
 OUT_START, COUNTED = 15, 16  # offset of the tensor in the packed gradient; 1 if it has >= 2 dims
 NCOL = 17
-STATS = 5  # d, <a,b>, |a|^2, |b|^2, |b-a|^2 per row
+STATS = 5  # compared by "ours", <a,b>, |a|^2, |b|^2, |b-a|^2 per row
 METRIC_IDS = {"ours": 0, "mse": 1, "cos": 2}
 
 LAUNCH = rt.RowLaunch(block=1024, warps=4)
 
 
 @triton.jit
-def _find_tensor(table_ptr, p, num_tensors, LOG_K: tl.constexpr, NCOL: tl.constexpr, ROW_START: tl.constexpr):
-    """The last tensor whose first packed row is <= p (tensors with no rows are skipped over)."""
+def _find_rows(table_ptr, p, num_tensors, num_rows, DTYPE: tl.constexpr, FLAT: tl.constexpr, LOG_K: tl.constexpr):
+    """For packed rows ``p`` (a vector): the table entry of each row's tensor, the row ``o`` inside it,
+    the row length (0 for ``p`` past the last row), and the two row pointers."""
+    # Binary search for the last tensor whose first packed row is <= p (tensors with no rows have
+    # the same start as the next one and are passed over).
     lo = p * 0
     hi = lo + num_tensors
     for _ in tl.static_range(LOG_K):
         mid = (lo + hi) // 2
-        right = tl.load(table_ptr + mid * NCOL + ROW_START) <= p
+        right = tl.load(table_ptr + mid * 17 + 2) <= p
         lo = tl.where(right, mid, lo)
         hi = tl.where(right, hi, mid)
-    return lo
-
-
-@triton.jit
-def _column_offsets(j, n2, n3, s1, s2, s3, FLAT: tl.constexpr):
-    """Element offsets of columns ``j`` of a row view whose trailing sizes are (n1, n2, n3)."""
-    if FLAT:
-        return j * s3
-    i3 = j % n3
-    rest = j // n3
-    return (rest // n2) * s1 + (rest % n2) * s2 + i3 * s3
-
-
-@triton.jit
-def _row(table_ptr, p, num_tensors, DTYPE: tl.constexpr, LOG_K: tl.constexpr):
-    """Locate packed row p: its table entry, row index o, row length, and its two row pointers."""
-    entry = table_ptr + _find_tensor(table_ptr, p, num_tensors, LOG_K, 17, 2) * 17
+    entry = table_ptr + lo * 17
     o = p - tl.load(entry + 2)
-    n1, n2, n3 = tl.load(entry + 4), tl.load(entry + 5), tl.load(entry + 6)
+    length = tl.where(p < num_rows, tl.load(entry + 4) * tl.load(entry + 5) * tl.load(entry + 6), 0)
     syn = tl.load(entry + 0).to(tl.pointer_type(DTYPE)) + o * tl.load(entry + 7)
     real = tl.load(entry + 1).to(tl.pointer_type(DTYPE)) + o * tl.load(entry + 11)
-    return entry, o, n1 * n2 * n3, n2, n3, syn, real
+    return entry, o, length, syn, real
+
+
+@triton.jit
+def _column_offsets(entry, j, first_stride: tl.constexpr, FLAT: tl.constexpr):
+    """(rows, BLOCK) element offsets of columns ``j`` in each row's view, with the strides that start
+    at table column ``first_stride`` (S1 for the synthetic tensor, R1 for the real one)."""
+    s3 = tl.load(entry + first_stride + 2)[:, None]
+    if FLAT:
+        return j[None, :] * s3
+    n2, n3 = tl.load(entry + 5)[:, None], tl.load(entry + 6)[:, None]
+    s1, s2 = tl.load(entry + first_stride)[:, None], tl.load(entry + first_stride + 1)[:, None]
+    jj = j[None, :]  # column j of the view is element (j // (n2 n3), (j // n3) % n2, j % n3)
+    return (jj // (n2 * n3)) * s1 + ((jj // n3) % n2) * s2 + (jj % n3) * s3
 
 
 @triton.jit
 def _gm_rows_kernel(
     table_ptr, num_tensors,   # (K, 17) int64 tensor table (columns above)
-    stats_ptr,                # out (R, 5) fp32 contiguous: d, <a,b>, |a|^2, |b|^2, |b-a|^2 of each packed row
-    eps,
-    DTYPE: tl.constexpr, FLAT: tl.constexpr, LOG_K: tl.constexpr, BLOCK: tl.constexpr,
+    num_rows,                 # R, the packed row count
+    stats_ptr,                # out (R, 5) fp32 contiguous, per packed row: compared by "ours" (1.0 / 0.0),
+                              #   <a,b>, |a|^2, |b|^2, |b-a|^2
+    DTYPE: tl.constexpr, FLAT: tl.constexpr, LOG_K: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    p = tl.program_id(0).to(tl.int64)
-    entry, o, length, n2, n3, syn, real = _row(table_ptr, p, num_tensors, DTYPE, LOG_K)
-    s1, s2, s3 = tl.load(entry + 8), tl.load(entry + 9), tl.load(entry + 10)
-    r1, r2, r3 = tl.load(entry + 12), tl.load(entry + 13), tl.load(entry + 14)
-    dot = tl.zeros([BLOCK], dtype=tl.float32)
-    aa = tl.zeros([BLOCK], dtype=tl.float32)
-    bb = tl.zeros([BLOCK], dtype=tl.float32)
-    dd = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, length, BLOCK):
+    # Each program reduces ROWS packed rows (possibly of different tensors) in (ROWS, BLOCK) tiles.
+    p = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    entry, o, length, syn, real = _find_rows(table_ptr, p, num_tensors, num_rows, DTYPE, FLAT, LOG_K)
+    dot = tl.full([ROWS, BLOCK], 0.0, tl.float32)
+    aa = tl.full([ROWS, BLOCK], 0.0, tl.float32)
+    bb = tl.full([ROWS, BLOCK], 0.0, tl.float32)
+    dd = tl.full([ROWS, BLOCK], 0.0, tl.float32)
+    for start in range(0, tl.max(length, axis=0), BLOCK):
         j = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = j < length
-        a = tl.load(real + _column_offsets(j, n2, n3, r1, r2, r3, FLAT), mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(syn + _column_offsets(j, n2, n3, s1, s2, s3, FLAT), mask=mask, other=0.0).to(tl.float32)
+        mask = j[None, :] < length[:, None]
+        a = tl.load(real[:, None] + _column_offsets(entry, j, 12, FLAT), mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(syn[:, None] + _column_offsets(entry, j, 8, FLAT), mask=mask, other=0.0).to(tl.float32)
         dot += a * b
         aa += a * a
         bb += b * b
         dd += (b - a) * (b - a)
-    s, sa, sb = tl.sum(dot, axis=0), tl.sum(aa, axis=0), tl.sum(bb, axis=0)
-    d = 1.0 - s / (tl.sqrt(sa) * tl.sqrt(sb) + eps)
+    # One reduction of the four accumulators; tl.join stacks along a new last axis, so
+    # sums[r, i, j] is accumulator i of pair j: (<a,b>, |a|^2) for j = 0, (|b|^2, |b-a|^2) for j = 1.
+    sums = tl.sum(tl.join(tl.join(dot, aa), tl.join(bb, dd)), axis=1)
+    pair = tl.arange(0, 2)
+    live = p < num_rows
     out = stats_ptr + p * 5
-    tl.store(out + 0, tl.where(tl.load(entry + 16) != 0, d, 0.0))  # 1-D tensors are not compared
-    tl.store(out + 1, s)
-    tl.store(out + 2, sa)
-    tl.store(out + 3, sb)
-    tl.store(out + 4, tl.sum(dd, axis=0))
+    tl.store(out[:, None, None] + 1 + pair[None, :, None] + 2 * pair[None, None, :], sums,
+             mask=live[:, None, None])
+    tl.store(out, (tl.load(entry + 16) != 0).to(tl.float32), mask=live)  # 1 if compared by "ours" (>= 2 dims)
 
 
 @triton.jit
 def _gm_total_kernel(
     stats_ptr, num_rows,      # (R, 5) fp32 from _gm_rows_kernel
     out_ptr,                  # out () in the input dtype: the distance
-    totals_ptr,               # out (3,) fp32: sum <a,b>, sum |a|^2, sum |b|^2 (for the "cos" backward)
+    totals_ptr,               # out (4,) fp32: sum d, sum <a,b>, sum |a|^2, sum |b|^2 (the last three for the "cos" backward)
     eps,
     METRIC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    acc = tl.zeros([BLOCK, 8], dtype=tl.float32)
-    cols = tl.arange(0, 8)
+    d = tl.full([BLOCK], 0.0, tl.float32)
+    dot = tl.full([BLOCK], 0.0, tl.float32)
+    aa = tl.full([BLOCK], 0.0, tl.float32)
+    bb = tl.full([BLOCK], 0.0, tl.float32)
+    dd = tl.full([BLOCK], 0.0, tl.float32)
     for start in range(0, num_rows, BLOCK):
-        rows = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = (rows[:, None] < num_rows) & (cols[None, :] < 5)
-        acc += tl.load(stats_ptr + rows[:, None] * 5 + cols[None, :], mask=mask, other=0.0)
-    sums = tl.sum(acc, axis=0)
-    d = tl.sum(tl.where(cols == 0, sums, 0.0), axis=0)
-    s = tl.sum(tl.where(cols == 1, sums, 0.0), axis=0)
-    sa = tl.sum(tl.where(cols == 2, sums, 0.0), axis=0)
-    sb = tl.sum(tl.where(cols == 3, sums, 0.0), axis=0)
-    mse = tl.sum(tl.where(cols == 4, sums, 0.0), axis=0)
+        row = stats_ptr + (start + tl.arange(0, BLOCK).to(tl.int64)) * 5
+        mask = start + tl.arange(0, BLOCK) < num_rows
+        compared = tl.load(row, mask=mask, other=0.0) != 0.0
+        s = tl.load(row + 1, mask=mask, other=0.0)
+        sa = tl.load(row + 2, mask=mask, other=0.0)
+        sb = tl.load(row + 3, mask=mask, other=0.0)
+        d += tl.where(compared, 1.0 - s / (tl.sqrt(sa) * tl.sqrt(sb) + eps), 0.0)
+        dot += s
+        aa += sa
+        bb += sb
+        dd += tl.load(row + 4, mask=mask, other=0.0)
+    # sums[i, j] is entry i of pair j: (sum d, sum <a,b>) for j = 0, (sum |a|^2, sum |b|^2) for j = 1
+    sums = tl.sum(tl.join(tl.join(d, dot), tl.join(aa, bb)), axis=0)
+    pair = tl.arange(0, 2)
+    tl.store(totals_ptr + pair[:, None] + 2 * pair[None, :], sums)
     if METRIC == 0:
-        value = d
+        value = tl.sum(tl.sum(tl.where((pair[:, None] == 0) & (pair[None, :] == 0), sums, 0.0), axis=1), axis=0)
     elif METRIC == 1:
-        value = mse
+        value = tl.sum(dd, axis=0)
     else:
+        s = tl.sum(tl.sum(tl.where((pair[:, None] == 1) & (pair[None, :] == 0), sums, 0.0), axis=1), axis=0)
+        sa = tl.sum(tl.sum(tl.where((pair[:, None] == 0) & (pair[None, :] == 1), sums, 0.0), axis=1), axis=0)
+        sb = tl.sum(tl.sum(tl.where((pair[:, None] == 1) & (pair[None, :] == 1), sums, 0.0), axis=1), axis=0)
         value = 1.0 - s / (tl.sqrt(sa) * tl.sqrt(sb) + eps)
     tl.store(out_ptr, value.to(out_ptr.dtype.element_ty))
-    tl.store(totals_ptr + 0, s)
-    tl.store(totals_ptr + 1, sa)
-    tl.store(totals_ptr + 2, sb)
-
-
-@triton.jit
-def _cos_coefficients(g, s, sa, sb, eps):
-    """(alpha, beta) with d/db [1 - s/(|a||b| + eps)] = alpha a + beta b, times the upstream g."""
-    na, nb = tl.sqrt(sa), tl.sqrt(sb)
-    q = na * nb + eps
-    beta = tl.where(nb > 0, g * s * na / (tl.where(nb > 0, nb, 1.0) * q * q), 0.0)
-    return -g / q, beta
 
 
 @triton.jit
 def _gm_backward_kernel(
     grad_ptr,                 # () upstream gradient of the distance
     table_ptr, num_tensors,   # the tensor table, as in the forward
-    stats_ptr, totals_ptr,    # (R, 5) and (3,) fp32 saved by the forward
+    num_rows,                 # R, the packed row count
+    stats_ptr, totals_ptr,    # (R, 5) and (4,) fp32 saved by the forward
     out_ptr,                  # out (numel,) packed gradient in the input dtype: tensor l at OUT_START, row-major
     eps,
-    DTYPE: tl.constexpr, FLAT: tl.constexpr, LOG_K: tl.constexpr, METRIC: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, FLAT: tl.constexpr, LOG_K: tl.constexpr, METRIC: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    p = tl.program_id(0).to(tl.int64)
-    entry, o, length, n2, n3, syn, real = _row(table_ptr, p, num_tensors, DTYPE, LOG_K)
-    s1, s2, s3 = tl.load(entry + 8), tl.load(entry + 9), tl.load(entry + 10)
-    r1, r2, r3 = tl.load(entry + 12), tl.load(entry + 13), tl.load(entry + 14)
+    p = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    entry, o, length, syn, real = _find_rows(table_ptr, p, num_tensors, num_rows, DTYPE, FLAT, LOG_K)
+    live = p < num_rows
     out = out_ptr + tl.load(entry + 15) + o * length
+
+    # d/db [1 - s/(|a||b| + eps)] = alpha a + beta b, with the sums of the row ("ours") or of
+    # everything ("cos"); beta is 0 where |b| = 0. "mse": d/db |b - a|^2 = 2 (b - a).
     g = tl.load(grad_ptr).to(tl.float32)
-    compared = (tl.load(entry + 16) != 0) | (METRIC != 0)  # "ours" skips 1-D tensors
     if METRIC == 0:
         row = stats_ptr + p * 5
-        alpha, beta = _cos_coefficients(g, tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), eps)
-    elif METRIC == 1:
-        alpha, beta = -2.0 * g, 2.0 * g
+        s = tl.load(row + 1, mask=live, other=0.0)
+        sa = tl.load(row + 2, mask=live, other=0.0)
+        sb = tl.load(row + 3, mask=live, other=0.0)
     else:
-        alpha, beta = _cos_coefficients(g, tl.load(totals_ptr), tl.load(totals_ptr + 1), tl.load(totals_ptr + 2), eps)
-    for start in range(0, length, BLOCK):
+        s, sa, sb = tl.load(totals_ptr + 1), tl.load(totals_ptr + 2), tl.load(totals_ptr + 3)
+    na, nb = tl.sqrt(sa), tl.sqrt(sb)
+    q = na * nb + eps
+    alpha = -g / q + p * 0.0
+    beta = tl.where(nb > 0, g * s * na / (tl.where(nb > 0, nb, 1.0) * q * q), 0.0) + p * 0.0
+    if METRIC == 1:
+        alpha, beta = -2.0 * g + p * 0.0, 2.0 * g + p * 0.0
+    compared = (tl.load(entry + 16) != 0) | (METRIC != 0)  # "ours" gives 1-D tensors a zero gradient
+
+    for start in range(0, tl.max(length, axis=0), BLOCK):
         j = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = j < length
-        load = mask & compared
-        a = tl.load(real + _column_offsets(j, n2, n3, r1, r2, r3, FLAT), mask=load, other=0.0).to(tl.float32)
-        b = tl.load(syn + _column_offsets(j, n2, n3, s1, s2, s3, FLAT), mask=load, other=0.0).to(tl.float32)
-        grad_b = tl.where(compared, alpha * a + beta * b, 0.0)  # 1-D tensors under "ours": exactly 0
-        tl.store(out + j, grad_b.to(out_ptr.dtype.element_ty), mask=mask)
+        mask = j[None, :] < length[:, None]
+        load = mask & compared[:, None]
+        a = tl.load(real[:, None] + _column_offsets(entry, j, 12, FLAT), mask=load, other=0.0).to(tl.float32)
+        b = tl.load(syn[:, None] + _column_offsets(entry, j, 8, FLAT), mask=load, other=0.0).to(tl.float32)
+        grad_b = tl.where(compared[:, None], alpha[:, None] * a + beta[:, None] * b, 0.0)
+        tl.store(out[:, None] + j[None, :], grad_b.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------ host side
@@ -237,11 +249,14 @@ def _table(grads_syn, grads_real, device):
     return table, rows_so_far, numel_so_far, flat
 
 
-def _launch(n: int) -> dict:
-    opts = rt.row_launch(n, LAUNCH)
+def _launch(widest: int) -> dict:
+    """Tile (ROWS packed rows x BLOCK columns) and warps. On the GPU one program a row, its columns
+    in chunks of up to 1024; under the interpreter 16 x 16 tiles, so short test rows cross chunk
+    boundaries and programs are few."""
     if rt.interpreting():
-        opts["BLOCK_C"] = 16
-    return {"BLOCK": opts["BLOCK_C"], "num_warps": opts["num_warps"]}
+        return {"ROWS": 16, "BLOCK": 16, "num_warps": 1}
+    opts = rt.row_launch(widest, LAUNCH)
+    return {"ROWS": 1, "BLOCK": opts["BLOCK_C"], "num_warps": opts["num_warps"]}
 
 
 def _log_k(k: int) -> int:
@@ -255,14 +270,15 @@ def _gm_forward(
     device = grads_syn[0].device
     dtype = grads_syn[0].dtype
     out = torch.empty((), device=device, dtype=dtype)
-    totals = torch.empty(3, device=device, dtype=torch.float32)
+    totals = torch.empty(4, device=device, dtype=torch.float32)
     table, num_rows, _, flat = _table(grads_syn, grads_real, device)
     stats = torch.empty((num_rows, STATS), device=device, dtype=torch.float32)
     widest = max([t.numel() // max(1, t.shape[0]) if t.ndim > 1 else t.numel() for t in grads_syn])
     if num_rows > 0:
-        _gm_rows_kernel[(num_rows,)](
-            table, len(grads_syn), stats, eps, DTYPE=_TRITON_DTYPES[dtype], FLAT=flat,
-            LOG_K=_log_k(len(grads_syn)), **_launch(widest),
+        launch = _launch(widest)
+        _gm_rows_kernel[(triton.cdiv(num_rows, launch["ROWS"]),)](
+            table, len(grads_syn), num_rows, stats, DTYPE=_TRITON_DTYPES[dtype], FLAT=flat,
+            LOG_K=_log_k(len(grads_syn)), **launch,
         )
     _gm_total_kernel[(1,)](stats, num_rows, out, totals, eps, METRIC=METRIC_IDS[metric],
                            BLOCK=16 if rt.interpreting() else 256, num_warps=4)
@@ -274,7 +290,7 @@ def _(grads_syn, grads_real, metric, eps):
     like = grads_syn[0]
     num_rows = sum(t.shape[0] if t.ndim > 1 else 1 for t in grads_syn)
     return (like.new_empty(()), like.new_empty((num_rows, STATS), dtype=torch.float32),
-            like.new_empty(3, dtype=torch.float32))
+            like.new_empty(4, dtype=torch.float32))
 
 
 @torch.library.custom_op("twinops::gradient_match_distance_backward", mutates_args=())
@@ -289,9 +305,10 @@ def _gm_backward(
     packed = torch.empty(numel, device=device, dtype=dtype)
     widest = max([t.numel() // max(1, t.shape[0]) if t.ndim > 1 else t.numel() for t in grads_syn])
     if num_rows > 0:
-        _gm_backward_kernel[(num_rows,)](
-            grad, table, len(grads_syn), stats, totals, packed, eps, DTYPE=_TRITON_DTYPES[dtype], FLAT=flat,
-            LOG_K=_log_k(len(grads_syn)), METRIC=METRIC_IDS[metric], **_launch(widest),
+        launch = _launch(widest)
+        _gm_backward_kernel[(triton.cdiv(num_rows, launch["ROWS"]),)](
+            grad, table, len(grads_syn), num_rows, stats, totals, packed, eps, DTYPE=_TRITON_DTYPES[dtype],
+            FLAT=flat, LOG_K=_log_k(len(grads_syn)), METRIC=METRIC_IDS[metric], **launch,
         )
     return packed
 

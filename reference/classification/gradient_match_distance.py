@@ -97,7 +97,7 @@ def _inputs(grads_syn, grads_real, metric, eps):
 
 def _rows(x: np.ndarray) -> np.ndarray:
     """The row view of a gradient of 2 to 4 dimensions: one row per output unit."""
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
 
 
 def gradient_match_distance(grads_syn, grads_real, *, metric="ours", eps=1e-6):

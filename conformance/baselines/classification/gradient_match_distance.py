@@ -3,16 +3,18 @@ write it (DC's ``distance_wb`` / ``match_loss``): a Python loop over the paramet
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from twinops.reference.classification.gradient_match_distance import split_named
 
 
 def _distance_wb(gwr, gws, eps):
-    if gwr.ndim == 1:  # biases and norm parameters are skipped
-        return torch.zeros((), dtype=gws.dtype, device=gws.device)
-    gwr = gwr.reshape(gwr.shape[0], -1)
-    gws = gws.reshape(gws.shape[0], -1)
+    if gwr.ndim == 1:  # biases and norm parameters are skipped (a zero that keeps gws in the graph)
+        return torch.where(torch.zeros_like(gws, dtype=torch.bool), gws, 0.0).sum()
+    gwr = gwr.reshape(gwr.shape[0], math.prod(gwr.shape[1:]))
+    gws = gws.reshape(gws.shape[0], math.prod(gws.shape[1:]))
     return torch.sum(1 - torch.sum(gwr * gws, dim=-1) / (torch.norm(gwr, dim=-1) * torch.norm(gws, dim=-1) + eps))
 
 
