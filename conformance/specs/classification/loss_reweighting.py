@@ -76,39 +76,40 @@ def _ce_samples(draw, profile: str, dtype: str):
 
 
 def _ce_edges() -> list[Sample]:
+    """Fixed cases, each at one reduction (the empty-sequence cases at every reduction: that is where
+    the reductions differ)."""
     rng = np.random.default_rng(15)
+    z = rng.normal(size=(3, 3, 5))
+    w = np.array([0.5, 0.3, 0.2])
+    y = rng.integers(0, 5, size=(3, 3))
+    empty = y.copy()
+    empty[1] = -100
+    nan, pinf, ninf = z.copy(), z.copy(), z.copy()
+    nan[0, 1, 2] = np.nan
+    pinf[2, 0, 4] = np.inf
+    ninf[:, :, 3] = -np.inf
+    masked_nan = z.copy()
+    masked_nan[1] = np.nan  # sequence 1 ignored entirely
+    masked_nan[0, 2] = np.nan  # the shifted-out last position
+    cases = [(z, empty, {"reduction": r}, "sequence 1 has no active token") for r in ("sum", "mean", "none")]
+    cases += [
+        (z, np.full((3, 3), -100), {"reduction": "mean"}, "every token ignored: 0/0"),
+        (z, np.full((3, 3), -100), {"reduction": "none"}, "every token ignored"),
+        (z[:, :1], y[:, :1], {"reduction": "none"}, "T = 1: nothing to score after the shift"),
+        (z[:, :1], y[:, :1], {"shift": False, "reduction": "mean"}, "T = 1 without shift"),
+        (nan, y, {"reduction": "none"}, "NaN in an active token"),
+        (masked_nan, empty, {"reduction": "sum"}, "NaN only where ignored or shifted out"),
+        (pinf, y, {"shift": False, "reduction": "none"}, "+inf in an active token"),
+        (ninf, np.where(y == 3, 0, y), {"reduction": "sum"}, "a -inf (masked-out) class"),
+        (np.full((3, 3, 5), 2.5), y, {"scale": 3.0, "reduction": "mean"}, "constant logits, scale 3"),
+        (rng.normal(size=(3, 3, 1)), np.zeros((3, 3), dtype=np.int64), {"reduction": "sum"}, "one class"),
+    ]
     out = []
-    for reduction in ("sum", "mean", "none"):
-        grad = upstream_grad(rng, (3,) if reduction == "none" else ())
-        z = rng.normal(size=(3, 4, 5))
-        w = np.array([0.5, 0.3, 0.2])
-        y = rng.integers(0, 5, size=(3, 4))
-        empty = y.copy()
-        empty[1] = -100
-        nan, pinf, ninf = z.copy(), z.copy(), z.copy()
-        nan[0, 1, 2] = np.nan
-        pinf[2, 0, 4] = np.inf
-        ninf[:, :, 3] = -np.inf
-        masked_nan = z.copy()
-        masked_nan[1] = np.nan  # sequence 1 ignored entirely
-        masked_nan[0, 3] = np.nan  # the shifted-out last position
-        no_target_3 = np.where(y == 3, 0, y)
-        cases = (
-            (z, empty, {}, "sequence 1 has no active token"),
-            (z, np.full((3, 4), -100), {}, "every token ignored"),
-            (z[:, :1], y[:, :1], {}, "T = 1: nothing to score after the shift"),
-            (z[:, :1], y[:, :1], {"shift": False}, "T = 1 without shift"),
-            (nan, y, {}, "NaN in an active token"),
-            (masked_nan, empty, {}, "NaN only where ignored or shifted out"),
-            (pinf, y, {"shift": False}, "+inf in an active token"),
-            (ninf, no_target_3, {}, "a -inf (masked-out) class"),
-            (np.full((3, 4, 5), 2.5), y, {"scale": 3.0}, "constant logits, scale 3"),
-            (rng.normal(size=(3, 4, 1)), np.zeros((3, 4), dtype=np.int64), {}, "one class"),
-        )
-        for logits, labels, extra, note in cases:
-            kw = {"scale": 1.0, "shift": True, "ignore_index": -100, "reduction": reduction, **extra}
-            out.append(Sample({"logits": logits, "labels": np.asarray(labels, dtype=np.int64), "weights": w}, kw,
-                              ("logits", "weights"), grad_out=grad, note=note))
+    for logits, labels, extra, note in cases:
+        kw = {"scale": 1.0, "shift": True, "ignore_index": -100, **extra}
+        grad = upstream_grad(rng, (3,) if kw["reduction"] == "none" else ())
+        out.append(Sample({"logits": logits, "labels": np.asarray(labels, dtype=np.int64), "weights": w}, kw,
+                          ("logits", "weights"), grad_out=grad, note=note))
     return out
 
 
