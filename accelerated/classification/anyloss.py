@@ -272,8 +272,10 @@ def anyloss(probs, target, *, metric="f_beta", beta=1.0, amplifier=73.0, smoothi
     one_d = probs.ndim == 1
     columns = (probs[:, None], target[:, None]) if one_d else (probs, target)
     loss, _ = _anyloss_columns(*columns, metric, beta, amplifier, smoothing)
-    if reduction == "none":
-        out = loss[0] if one_d else loss
+    if one_d:
+        out = loss[0]  # one column: every reduction is its loss
+    elif reduction == "none":
+        out = loss
     else:
         out = loss.sum() if reduction == "sum" else loss.mean()
     return out.to(probs.dtype)

@@ -22,18 +22,17 @@ with $Y_1 = \sum_i y_i$ positives and $Y_0 = N - Y_1$ negatives. The loss is $1 
 metric $M$, with the smoothing $s$ in its denominator:
 
 $$
-\begin{aligned}
-F_\beta &= \frac{(1 + \beta^2)\,\mathrm{TP}}{\beta^2 Y_1 + \mathrm{TP} + \mathrm{FP} + s}
-  & \text{(}\texttt{metric="f\_beta"}\text{; soft Dice at } \beta = 1\text{)} \\
-G &= \frac{\mathrm{TP}\cdot\mathrm{TN}}{Y_1 Y_0 + s}
-  = \mathrm{TPR}\cdot\mathrm{TNR}
-  & \text{(}\texttt{metric="g\_mean"}\text{, the squared G-mean, as in the authors' code)} \\
-\mathrm{BAcc} &= \frac{Y_0\,\mathrm{TP} + Y_1\,\mathrm{TN}}{2\,Y_1 Y_0 + s}
-  & \text{(}\texttt{metric="balanced\_accuracy"}\text{)} \\
-\mathrm{Acc} &= \frac{\mathrm{TP} + \mathrm{TN}}{N}
-  & \text{(}\texttt{metric="accuracy"}\text{)}
-\end{aligned}
+F_\beta = \frac{(1 + \beta^2)\,\mathrm{TP}}{\beta^2 Y_1 + \mathrm{TP} + \mathrm{FP} + s}, \qquad
+G = \frac{\mathrm{TP}\cdot\mathrm{TN}}{Y_1 Y_0 + s},
 $$
+
+$$
+\mathrm{BAcc} = \frac{Y_0\,\mathrm{TP} + Y_1\,\mathrm{TN}}{2\,Y_1 Y_0 + s}, \qquad
+\mathrm{Acc} = \frac{\mathrm{TP} + \mathrm{TN}}{N},
+$$
+
+chosen by ``metric="f_beta"`` ($F_\beta$; soft Dice at $\beta = 1$), ``"g_mean"`` ($G$ = TPR · TNR,
+the squared G-mean, as in the authors' code), ``"balanced_accuracy"`` and ``"accuracy"``.
 
 Gradient: $\partial\,\mathrm{loss} / \partial p_i = -\,\frac{\partial M}{\partial a_i}\, L\, a_i (1 - a_i)$ with
 
@@ -50,7 +49,7 @@ $$
 
 Semantics
 ---------
-- ``probs``: (N,) probabilities (sigmoid outputs, not logits), or (N, K) for K independent binary
+- ``probs``: floating-point (N,) probabilities (sigmoid outputs, not logits), or (N, K) for K independent binary
   tasks (multilabel): every column is its own batch of N samples with its own confusion matrix and
   loss. N >= 1 and K >= 1; an empty batch raises ``ValueError``.
 - ``target``: the same shape as ``probs``, integer, bool or floating, every entry exactly 0 or 1
