@@ -68,40 +68,41 @@ def _samples(draw, profile: str, dtype: str):
 
 
 def _edge_cases() -> list[Sample]:
-    """NaN, ±inf, probability-zero targets (in one member, in every member), constant rows, one
-    class, one member, identical members, an empty batch, an all-ignored batch; in both modes, each
-    under two of the three reductions."""
+    """NaN, ±inf and probability-zero targets (in one member, in every member) in both modes; an
+    all-ignored batch, a NaN in an ignored token, constant rows, one class and an empty batch once
+    (alternating modes). K = 1 and identical members come from the strategy. Reductions rotate over the cases."""
     rng = np.random.default_rng(0)
+    z = rng.normal(size=(3, 3, 5)) * 2.0
+    nan, ninf, pinf, zero_one, zero_all = (z.copy() for _ in range(5))
+    nan[1, 1, 2] = np.nan
+    ninf[:, :, 3] = -np.inf
+    pinf[2, 2, 1] = np.inf
+    zero_one[0, 1, 1] = -np.inf
+    zero_all[:, 1, 1] = -np.inf
+    both_modes = (
+        (nan, [0, 1, 4], "NaN in member 1, token 1"),
+        (ninf, [0, 1, 2], "a -inf (masked-out) class in every member"),
+        (pinf, [0, 1, 2], "+inf in member 2, token 2"),
+        (zero_one, [0, 1, 2], "target logit -inf in one member"),
+        (zero_all, [0, 1, 2], "target logit -inf in every member"),
+    )
+    once = (
+        (z, [-100, -100, -100], "all tokens ignored"),
+        (nan, [0, -100, 4], "NaN in an ignored token"),
+        (np.full((2, 3, 5), 2.5), [0, 3, 4], "constant rows"),
+        (rng.normal(size=(3, 3, 1)), [0, 0, -100], "one class"),
+        (np.zeros((2, 0, 5)), np.zeros(0, dtype=np.int64), "empty batch"),
+    )
+    reductions = ("none", "mean", "sum")
+    calls = [(case, mode, reductions[i % 3]) for i, case in enumerate(both_modes) for mode in MODES]
+    calls += [(case, MODES[i % 2], reductions[(i + 1) % 3]) for i, case in enumerate(once)]
     out = []
-    for m, mode in enumerate(MODES):
-        z = rng.normal(size=(3, 3, 5)) * 2.0
-        nan, ninf, pinf, zero_one, zero_all = (z.copy() for _ in range(5))
-        nan[1, 1, 2] = np.nan
-        ninf[:, :, 3] = -np.inf
-        pinf[2, 2, 1] = np.inf
-        zero_one[0, 1, 1] = -np.inf
-        zero_all[:, 1, 1] = -np.inf
-        cases = (
-            (z, [-100, -100, -100], "all tokens ignored"),
-            (nan, [0, 1, 4], "NaN in member 1, token 1"),
-            (nan, [0, -100, 4], "NaN in an ignored token"),
-            (ninf, [0, 1, 2], "a -inf (masked-out) class in every member"),
-            (pinf, [0, 1, 2], "+inf in member 2, token 2"),
-            (zero_one, [0, 1, 2], "target logit -inf in one member"),
-            (zero_all, [0, 1, 2], "target logit -inf in every member"),
-            (np.full((2, 3, 5), 2.5), [0, 3, 4], "constant rows"),
-            (rng.normal(size=(3, 3, 1)), [0, 0, -100], "one class"),
-            (rng.normal(size=(1, 3, 5)) * 3.0, [0, 4, -100], "one member"),
-            (np.repeat(rng.normal(size=(1, 3, 5)), 4, axis=0), [1, 2, 3], "identical members"),
-            (np.zeros((2, 0, 5)), np.zeros(0, dtype=np.int64), "empty batch"),
-        )
-        for i, (logits, target, note) in enumerate(cases):
-            n = np.shape(logits)[1]
-            reduction = ("none", "mean", "sum")[(i + m) % 3]  # each case meets two reductions over the modes
-            kw = {"mode": mode, "temperature": 0.7, "ignore_index": -100, "reduction": reduction}
-            out.append(Sample({"logits": logits, "target": np.asarray(target, dtype=np.int64)}, kw,
-                              ("logits",), grad_out=upstream_grad(rng, (n,) if reduction == "none" else ()),
-                              note=f"{note}, {mode}"))
+    for (logits, target, note), mode, reduction in calls:
+        n = np.shape(logits)[1]
+        kw = {"mode": mode, "temperature": 0.7, "ignore_index": -100, "reduction": reduction}
+        out.append(Sample({"logits": logits, "target": np.asarray(target, dtype=np.int64)}, kw,
+                          ("logits",), grad_out=upstream_grad(rng, (n,) if reduction == "none" else ()),
+                          note=f"{note}, {mode}"))
     return out
 
 
