@@ -88,13 +88,13 @@ def _partials_kernel(
 @triton.jit
 def _combine_kernel(
     partials_ptr,                       # (4, blocks, K) fp32 from _partials_kernel
+    plane,                              # blocks * K: the distance between two statistics' planes
     loss_ptr,                           # out (K,) fp32: 1 - M_k
     coef_ptr,                           # out (K, 2) fp32 contiguous: -L dM/da for y = 1, then for y = 0
     blocks, K, n_rows, beta2, amplifier, smoothing,
     METRIC: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
-    plane = blocks * K
     tp = tl.zeros((BLOCK_B,), tl.float32)
     fp = tl.zeros((BLOCK_B,), tl.float32)
     tn = tl.zeros((BLOCK_B,), tl.float32)
@@ -110,8 +110,8 @@ def _combine_kernel(
     tp = tl.sum(tp, axis=0)
     fp = tl.sum(fp, axis=0)
     tn = tl.sum(tn, axis=0)
-    y1 = tl.sum(y1, axis=0)
-    n = n_rows.to(tl.float32)
+    y1 = tl.sum(y1, axis=0)  # exact up to 2^24 positives a column, then within fp32 rounding
+    n = n_rows * 1.0  # as fp32 (an integer argument equal to 1 arrives as a constant)
     y0 = n - y1
     if METRIC == 0:    # F_beta = (1 + b^2) TP / D,  D = b^2 Y1 + TP + FP + s
         d = beta2 * y1 + tp + fp + smoothing
@@ -189,7 +189,7 @@ def _anyloss_columns(
     loss = torch.empty(k, device=probs.device, dtype=torch.float32)
     coef = torch.empty((k, 2), device=probs.device, dtype=torch.float32)
     _combine_kernel[(k,)](
-        partials, loss, coef, blocks, k, n, beta * beta, amplifier, smoothing,
+        partials, blocks * k, loss, coef, blocks, k, n, beta * beta, amplifier, smoothing,
         METRIC=METRIC_ID[metric], BLOCK_B=16 if rt.interpreting() else 256,
     )
     return loss, coef
