@@ -3,11 +3,14 @@ so that the (M, V) logits are never stored, and the discriminator's RTD loss. Se
 `twinops.reference.classification.electra` for the definitions.
 
 Generator, x (M, H) hidden states, W (V, H) LM head, logits h = x Wᵀ + b computed tile by tile:
-  forward, one program per BLOCK_M slots, walking the vocabulary in BLOCK_V tiles; each logit tile
-      is a K loop of tl.dot over H. Per slot it keeps the online max m and sum-exp s of the logits,
-      the target logit h_t, and a running (value, index) argmax of h/T + g (g the Gumbel noise of u,
-      lowest index on ties). It writes the slot's loss term w (m - h_t + log s), its sample, and
-      (m, s) for the backward: 12 bytes + 8 bytes a slot.
+  forward, one program per (BLOCK_M slots, vocabulary split), walking its split in BLOCK_V tiles;
+      each logit tile is a K loop of tl.dot over H. Per slot it keeps the online max m and sum-exp s
+      of the logits, the target logit h_t, and a running (value, index) argmax of h/T + g (g the
+      Gumbel noise of u, lowest index on ties), and writes them per split (28 bytes a slot and
+      split). The splits (about four programs per SM in all; two under the interpreter) keep the GPU
+      busy when M / BLOCK_M is below the SM count. A short host merge (O(SPLIT x M) torch ops)
+      combines them into the slot's loss term w (m - h_t + log s), its sample, and (m, s) for the
+      backward.
   backward, with G = c (softmax(h) - onehot(t)) and c the slot's upstream gradient times w:
       dx kernel: one program per BLOCK_M slots walks the vocabulary, recomputes each logit tile and
           its G tile, and adds G W[tile] into its own rows of an fp32 (M, H) buffer;
@@ -18,7 +21,7 @@ Generator, x (M, H) hidden states, W (V, H) LM head, logits h = x Wᵀ + b compu
       the fp32 (M, H) + (V, H) buffers, which are read-modify-written per tile (they stay in L2 at
       the benchmark shapes). 16-bit inputs round G to the input dtype before the two gradient
       products (as flash-attention does with P); fp32 keeps G in fp32.
-  Extra memory: (M, 2) fp32 statistics, (M,) terms and samples, and in the backward the fp32
+  Extra memory: (SPLIT, M) partial statistics, (M, 2) fp32 statistics, (M,) terms and samples, and in the backward the fp32
   (M, H) and (V, H) accumulators: O(M + (M + V) H), never O(M V).
   The noise u (M, V) is an input, read once by the forward. A counter-based generator (Philox of
   (seed, slot, token)) inside the kernel would remove that read and the (M, V) allocation; it is a
@@ -51,7 +54,7 @@ DISALLOW_PENALTY = 1000.0
 # Untuned starting points pending a GPU sweep (tl.dot tiles; BLOCK_K is the H chunk of every
 # product). The interpreter uses 16-wide tiles so small test shapes cross tile boundaries.
 GPU_TILES = {
-    "forward": dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    "forward": dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
     "dx": dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2),
     "dw": dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2),
 }
@@ -96,28 +99,30 @@ def _generator_forward_kernel(
     w_ptr, stride_wv, stride_wh,    # (V, H) LM head
     b_ptr, stride_b,                # (V,) bias (unused without HAS_BIAS)
     t_ptr, stride_t,                # (M,) original token ids
-    sw_ptr, stride_sw,              # (M,) slot weights
     u_ptr, stride_um, stride_uv,    # (M, V) uniform noise
-    terms_ptr,                      # out (M,) fp32: w (lse - h_t), 0 where w = 0, NaN for a bad id or noise
-    samples_ptr,                    # out (M,) int64: Gumbel-max sample, -1 for NaN scores or bad noise
-    stats_ptr,                      # out (M, 2) fp32 contiguous: m and s of the logits, for the backward
-    M, V, H, inv_temp,
+    part_ptr,                       # out (SPLIT, M, 4) fp32 contiguous: per vocabulary split, m, s, h_t, best score
+    index_ptr,                      # out (SPLIT, M) int64 contiguous: the best score's token id
+    flag_ptr,                       # out (SPLIT, M) int32 contiguous: 1 NaN score, 2 noise outside [0, 1), 3 both
+    M, V, H, SPLIT_V, inv_temp,     # SPLIT_V: vocabulary entries per split, a multiple of BLOCK_V
     DISALLOW: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
     row_ok = rows < M
     t = tl.load(t_ptr + rows * stride_t, mask=row_ok, other=0).to(tl.int64)
     mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_M,), tl.float32)
     h_t = tl.zeros((BLOCK_M,), tl.float32)
     best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    best_idx = tl.zeros((BLOCK_M,), tl.int64)
+    best_idx = tl.zeros((BLOCK_M,), tl.int64) + split * SPLIT_V
     nan_score = tl.zeros((BLOCK_M,), tl.int32)
     bad_noise = tl.zeros((BLOCK_M,), tl.int32)
-    for v0 in range(0, V, BLOCK_V):
+    v_begin = split * SPLIT_V
+    v_end = tl.minimum(v_begin + SPLIT_V, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_ok = cols < V
+        col_ok = cols < v_end
         tile_ok = row_ok[:, None] & col_ok[None, :]
         h = _logit_tile(x_ptr, stride_xm, stride_xh, w_ptr, stride_wv, stride_wh, b_ptr, stride_b,
                         rows, row_ok, cols, col_ok, H, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
@@ -133,7 +138,7 @@ def _generator_forward_kernel(
         u = tl.load(u_ptr + rows[:, None] * stride_um + cols[None, :] * stride_uv, mask=tile_ok,
                     other=0.5).to(tl.float32)
         u_bad = ~((u >= 0.0) & (u < 1.0))  # NaN fails both comparisons
-        bad_noise = tl.maximum(bad_noise, tl.max(tl.where(tile_ok & u_bad, 1, 0), axis=1))
+        bad_noise = tl.maximum(bad_noise, tl.max(tl.where(tile_ok & u_bad, 2, 0), axis=1))
         g = -tl.log(-tl.log(u + GUMBEL_EPS) + GUMBEL_EPS)
         score = h * inv_temp + g
         if DISALLOW:
@@ -148,14 +153,34 @@ def _generator_forward_kernel(
         best = tl.where(better, tile_best, best)
         best_idx = tl.where(better, tile_idx, best_idx)
 
-    w = tl.load(sw_ptr + rows * stride_sw, mask=row_ok, other=0.0).to(tl.float32)
-    ce = (mx - h_t) + tl.log(s)  # lse - h_t, with m kept apart from log s for accuracy near p_t = 1
-    term = tl.where(w != 0.0, w * ce, 0.0)
-    term = tl.where((t >= 0) & (t < V) & (bad_noise == 0), term, float("nan"))
-    tl.store(terms_ptr + rows, term, mask=row_ok)
-    tl.store(samples_ptr + rows, tl.where((nan_score + bad_noise) > 0, -1, best_idx), mask=row_ok)
-    tl.store(stats_ptr + rows * 2, mx, mask=row_ok)
-    tl.store(stats_ptr + rows * 2 + 1, s, mask=row_ok)
+    out = split * M + rows
+    tl.store(part_ptr + out * 4, mx, mask=row_ok)
+    tl.store(part_ptr + out * 4 + 1, s, mask=row_ok)
+    tl.store(part_ptr + out * 4 + 2, h_t, mask=row_ok)
+    tl.store(part_ptr + out * 4 + 3, best, mask=row_ok)
+    tl.store(index_ptr + out, best_idx, mask=row_ok)
+    tl.store(flag_ptr + out, nan_score + bad_noise, mask=row_ok)
+
+
+def _combine_splits(part, index, flags, target, slot_weight, v):
+    """Merge the per-split statistics (O(SPLIT x M) work): log-sum-exp of the splits, the target
+    logit (only its split holds it, the others hold 0), the best score (the first split wins ties,
+    which keeps the lowest index). Returns the per-slot terms, the samples and (m, s)."""
+    m_parts, s_parts, ht_parts, best_parts = part.unbind(-1)  # each (SPLIT, M)
+    mx = m_parts.max(dim=0).values
+    shift = torch.where(mx == float("-inf"), 0.0, mx)
+    s = (s_parts * torch.exp(m_parts - shift)).sum(dim=0)
+    h_t = ht_parts.sum(dim=0)
+    winner = best_parts.argmax(dim=0, keepdim=True)  # first maximum
+    samples = index.gather(0, winner)[0]
+    flag = (flags & 1).amax(dim=0) | (flags & 2).amax(dim=0)  # 1: a NaN score, 2: noise outside [0, 1)
+    w = slot_weight.to(torch.float32)
+    ce = (mx - h_t) + torch.log(s)  # lse - h_t, with m kept apart from log s for accuracy near p_t = 1
+    terms = torch.where(w != 0.0, w * ce, 0.0)
+    valid = (target >= 0) & (target < v) & ((flag & 2) == 0)
+    terms = torch.where(valid, terms, float("nan"))
+    samples = torch.where(flag != 0, -1, samples)
+    return terms, samples, torch.stack((mx, s), dim=1)
 
 
 @triton.jit
@@ -258,6 +283,19 @@ def _generator_dw_kernel(
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
+def _split_width(v: int, row_blocks: int, block_v: int, device) -> int:
+    """Vocabulary entries per forward program (a multiple of ``block_v``): enough splits that the
+    grid has about four programs per SM (two splits under the interpreter, so the merge is tested)."""
+    tiles = triton.cdiv(v, block_v)
+    if rt.interpreting():
+        splits = 2
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = triton.cdiv(4 * sms, row_blocks)
+    per_split = triton.cdiv(tiles, max(1, min(splits, tiles)))
+    return per_split * block_v
+
+
 def _bias_args(bias, like):
     if bias is None:
         return like.new_empty(0), 0, False
@@ -271,18 +309,24 @@ def _generator_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, h = hidden.shape
     v = weight.shape[0]
-    terms = torch.empty(m, device=hidden.device, dtype=torch.float32)
-    samples = torch.empty(m, device=hidden.device, dtype=torch.int64)
-    stats = torch.empty((m, 2), device=hidden.device, dtype=torch.float32)
-    if m > 0:
-        b, b_stride, has_b = _bias_args(bias, hidden)
-        tiles = _tiles("forward")
-        _generator_forward_kernel[(triton.cdiv(m, tiles["BLOCK_M"]),)](
-            hidden, hidden.stride(0), hidden.stride(1), weight, weight.stride(0), weight.stride(1),
-            b, b_stride, target, target.stride(0), slot_weight, slot_weight.stride(0),
-            noise, noise.stride(0), noise.stride(1), terms, samples, stats, m, v, h, 1.0 / temperature,
-            DISALLOW=disallow_correct, HAS_BIAS=has_b, PRECISION=rt.dot_precision(hidden.dtype), **tiles,
-        )
+    if m == 0:
+        return (hidden.new_empty(0, dtype=torch.float32), hidden.new_empty(0, dtype=torch.int64),
+                hidden.new_empty((0, 2), dtype=torch.float32))
+    tiles = _tiles("forward")
+    row_blocks = triton.cdiv(m, tiles["BLOCK_M"])
+    split_v = _split_width(v, row_blocks, tiles["BLOCK_V"], hidden.device)
+    splits = triton.cdiv(v, split_v)
+    part = torch.empty((splits, m, 4), device=hidden.device, dtype=torch.float32)
+    index = torch.empty((splits, m), device=hidden.device, dtype=torch.int64)
+    flags = torch.empty((splits, m), device=hidden.device, dtype=torch.int32)
+    b, b_stride, has_b = _bias_args(bias, hidden)
+    _generator_forward_kernel[(row_blocks, splits)](
+        hidden, hidden.stride(0), hidden.stride(1), weight, weight.stride(0), weight.stride(1),
+        b, b_stride, target, target.stride(0), noise, noise.stride(0), noise.stride(1),
+        part, index, flags, m, v, h, split_v, 1.0 / temperature,
+        DISALLOW=disallow_correct, HAS_BIAS=has_b, PRECISION=rt.dot_precision(hidden.dtype), **tiles,
+    )
+    terms, samples, stats = _combine_splits(part, index, flags, target, slot_weight, v)
     return terms, samples, stats
 
 
@@ -483,7 +527,7 @@ def _rtd_backward_kernel(
 
 
 def _rtd_grid(shape):
-    block = 16 if rt.interpreting() else RTD_BLOCK
+    block = 32 if rt.interpreting() else RTD_BLOCK
     return (shape[0], triton.cdiv(shape[1], block)), block
 
 
