@@ -58,7 +58,7 @@ def _samples(draw, profile: str, dtype: str):
 def _examples() -> list[Sample]:
     rng = np.random.default_rng(2)
     out = []
-    for sample in row_loss_edge_cases({"lam": 1.0}):
+    for sample in row_loss_edge_cases({"lam": 1.0}, reductions=("mean", "none")):
         c = sample.arrays["logits"].shape[1]
         u = rng.normal(size=(4, c))
         if c > 2:
@@ -67,7 +67,7 @@ def _examples() -> list[Sample]:
             u[2, 0] = -np.inf
         out.append(_with_unlabeled(sample, u, rng))
     base = {"ignore_index": -100}
-    for reduction in ("mean", "sum", "none"):
+    for reduction in ("sum", "none"):
         kw = dict(base, lam=0.5, reduction=reduction)
         u = rng.normal(size=(4, 5))
         u[0, 2], u[1, 0], u[2] = np.nan, np.inf, -np.inf
@@ -81,7 +81,9 @@ def _examples() -> list[Sample]:
 
 def _fd_skip(sample: Sample) -> str | None:
     u = np.sort(np.asarray(sample.arrays["logits_unlabeled"], dtype=np.float64), axis=1)
-    if u.shape[0] > 0 and u.shape[1] > 1 and np.any(np.abs(u[:, -1] - u[:, -2]) < 1e-4):
+    with np.errstate(invalid="ignore"):
+        tied = u.shape[0] > 0 and u.shape[1] > 1 and np.any(np.abs(u[:, -1] - u[:, -2]) < 1e-4)
+    if tied:
         return "an unlabelled row with (near-)tied maxima: the pseudo-label term has a kink there"
     return None
 

@@ -53,7 +53,7 @@ def _examples() -> list[Sample]:
     rng = np.random.default_rng(1)
     out = []
     for reduction in REDUCTIONS:
-        for sample in row_loss_edge_cases({}, reductions=(reduction,)):
+        for sample in row_loss_edge_cases({}, reductions=(reduction,)) if reduction != "sum" else ():
             n = len(sample.arrays["target"])
             out.append(_with_weights(sample, rng.uniform(0.1, 2.0, n), reduction, rng))
         ties = np.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.5, 0.0, 0.5, -1.0]])
