@@ -228,6 +228,9 @@ def _generator_dx_kernel(
         h = _logit_tile(x_ptr, stride_xm, stride_xh, w_ptr, stride_wv, stride_wh, b_ptr, stride_b,
                         rows, active, cols, col_ok, H, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
         grad = _logit_grad_tile(h, cols, col_ok, t, active, c, mx, s).to(w_ptr.dtype.element_ty)
+        # The accumulator rows were stored by this program's previous tile, possibly by other threads
+        # than the ones that now load them: a CTA barrier orders those global writes before the reads.
+        tl.debug_barrier()
         for k0 in range(0, H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             k_ok = ks < H
@@ -269,6 +272,7 @@ def _generator_dw_kernel(
             db += tl.sum(grad, axis=0)
         if WEIGHT_GRAD:
             grad_t = tl.trans(grad.to(x_ptr.dtype.element_ty))  # (BLOCK_V, BLOCK_M)
+            tl.debug_barrier()  # order the previous tile's accumulator writes before these reads
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
                 k_ok = ks < H
