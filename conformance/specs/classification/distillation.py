@@ -167,12 +167,11 @@ def _softmax_mse_samples(draw, profile: str, dtype: str):
 def _softmax_mse_edge_cases() -> list[Sample]:
     rng = np.random.default_rng(3)
     out = []
-    for hyper, reductions in (({"alpha": 0.6}, ("mean", "sum", "none")), ({"alpha": 0.0}, ("none",)),
-                              ({"alpha": 1.0}, ("none",))):
+    for hyper, reductions in (({"alpha": 0.6}, ("mean", "none")), ({"alpha": 0.0}, ("none",))):
         for sample in row_loss_edge_cases(hyper, reductions=reductions):
             z = sample.arrays["logits"]
             out.append(_with_teacher(sample, z + 0.3 * rng.normal(size=z.shape)))
-    for reduction in ("mean", "none"):
+    for reduction in ("none",):
         z = rng.normal(size=(3, 6))
         nan_t, ninf_t = z + 0.5 * rng.normal(size=z.shape), z + 0.5 * rng.normal(size=z.shape)
         nan_t[1, 3], ninf_t[:, 2] = np.nan, -np.inf

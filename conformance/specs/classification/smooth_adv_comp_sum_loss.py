@@ -49,11 +49,11 @@ def _samples(draw, profile: str, dtype: str):
 def _edge_cases() -> list[Sample]:
     rng = np.random.default_rng(1)
     out = []
-    for hyper, reductions in (({"tau": 1.0, "nu": 1.0}, ("mean", "sum", "none")), ({"tau": 0.0, "nu": 0.5}, ("none",))):
+    for hyper, reductions in (({"tau": 1.0, "nu": 1.0}, ("mean", "none")), ({"tau": 0.0, "nu": 0.5}, ("none",))):
         for sample in row_loss_edge_cases(hyper, reductions=reductions):
             z = sample.arrays["logits"]
             out.append(_with_adv(sample, z + 0.3 * rng.normal(size=z.shape)))
-    for reduction in ("mean", "none"):
+    for reduction in ("none",):
         z = rng.normal(size=(4, 6))
         kw = {"tau": 1.0, "nu": 1.0, "ignore_index": -100, "reduction": reduction}
         grad = rng.normal(size=4) if reduction == "none" else np.float64(1.3)
