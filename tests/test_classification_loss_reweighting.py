@@ -292,3 +292,11 @@ def test_errors_name_the_argument(call, error, match):
     z, y = _tensors()
     with pytest.raises(error, match=match):
         call(z, y)
+
+
+def test_narrow_label_dtypes():
+    z, y = _tensors(seed=9)
+    want = acc.weighted_sequence_ce(z, y, reduction="none")
+    torch.testing.assert_close(acc.weighted_sequence_ce(z, y.int(), reduction="none"), want)
+    y8 = torch.where(y == -100, 255, y).to(torch.uint8)
+    torch.testing.assert_close(acc.weighted_sequence_ce(z, y8, ignore_index=255, reduction="none"), want)

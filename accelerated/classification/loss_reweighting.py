@@ -91,6 +91,7 @@ def _sequence_mean_kernel(
         total += tl.sum(tl.load(token_loss_ptr + i * T + t, mask=t < T, other=0.0), axis=0)
         scored = t + SHIFT < T
         y = tl.load(labels_ptr + i * stride_label_b + (t + SHIFT) * stride_label_t, mask=scored, other=ignore_index)
+        y = y.to(tl.int64)  # as load_label does, so uint8 labels compare the same way
         n += tl.sum(tl.where(scored & (y != ignore_index), 1.0, 0.0), axis=0)
     tl.store(seq_loss_ptr + i, tl.where(n > 0.0, total / tl.maximum(n, 1.0), 0.0))
     tl.store(count_ptr + i, n)
