@@ -39,9 +39,9 @@ Semantics
   ``"sum"`` adds the per-row means, i.e. ``F.mse_loss(..., reduction="sum") / C``. Per-row values
   (not the elementwise squares ``reduction="none"`` gives in PyTorch) are what a user re-weighting
   samples needs.
-- **The teacher is a constant.** ``teacher_logits`` receives no gradient in either loss (the
-  authors' code computes the teacher's outputs without gradient); the accelerated functions detach
-  it even when it requires grad. ``*_grad`` returns the gradient of the student's logits only.
+- **The teacher is a constant.** ``teacher_logits`` receives no gradient in either loss (in both
+  papers the teacher is a fixed, previously trained network whose outputs serve as targets); the
+  accelerated functions detach it even when it requires grad. ``*_grad`` returns the gradient of the student's logits only.
 - ``logit_mse_distillation(student_logits, teacher_logits)``: two (N, K) real arrays of the same
   shape, K >= 1; no labels, no ignored rows. N = 0 gives NaN for ``"mean"`` (0/0) and 0 for
   ``"sum"``. NaN in either input gives NaN for that row; an infinite difference gives ``inf``
@@ -49,7 +49,7 @@ Semantics
 - ``softmax_mse_distillation(logits, target, teacher_logits, *, alpha=0.6)``: ``logits`` and
   ``teacher_logits`` (N, C) of the same shape, C >= 1; ``target`` (N,) integers in [0, C) or
   ``ignore_index``. ``alpha`` in [0, 1], default 0.6 as in the authors' example
-  (``alpha = 0`` is pure self-distillation, ``alpha = 1`` is the Brier score against the labels).
+  (``alpha = 0`` is pure self-distillation, ``alpha = 1`` is the Brier score against the labels, divided by C).
   Rows whose target equals ``ignore_index`` contribute 0 with gradient exactly 0 (even when their
   logits are NaN) and are left out of the mean (NaN when every row is ignored). The teacher's row
   of an ignored sample is not read either. With C = 1 both softmaxes are 1 and the loss is 0.

@@ -29,16 +29,16 @@ Semantics
 ---------
 - ``logits`` (clean) and ``adv_logits``: (N, C) real, same shape, C >= 1. ``target``: (N,) integers
   in [0, C) or ``ignore_index``. Both logit arrays receive gradients.
-- **Argument of the norm.** The paper's smooth term penalises the change of the margin vector
+- **Argument of the norm.** The paper's smooth term (its §5–6) penalises the change of the margin vector
   $\Delta_h(x, y) = (h(x, y) - h(x, y'))_{y'}$, not of the raw score vector: the term is therefore
   invariant to adding a per-row constant to either logit row, as the comp-sum loss itself is. (The
   $k = y$ entry of $d$ is 0, so including or excluding it gives the same norm.) A penalty on the raw
   difference $\|z' - z\|_2$ is a different loss; the conformance suite carries it as a wrong port.
 - **Default ``nu = 1``.** For $\tau \ge 1$ the comp-sum loss is 1-Lipschitz in the margin vector
   ($\|\nabla_\Delta \Phi^\tau\|_2 = p_y^{\tau-1}\|(p_k)_{k\ne y}\|_2 \le 1$), so with $\nu = 1$ the
-  smooth loss upper-bounds the adversarial comp-sum loss $\Phi^\tau$ at $z'$; this is the paper's
-  bound. The paper tunes $\nu$ per experiment and the defaults there could not be confirmed; pass
-  your own. ``nu`` >= 0, finite. ``tau`` >= 0, finite, default 1 (cross-entropy), as in
+  smooth loss upper-bounds the comp-sum loss at the adversarial logits, the bound the smooth term
+  stands in for. That makes 1 this library's default; the paper treats $\nu$ as a hyper-parameter
+  to tune, so pass your own. ``nu`` >= 0, finite. ``tau`` >= 0, finite, default 1 (cross-entropy), as in
   ``comp_sum_loss`` (no class weights here). $\gamma$ and the attack belong to the caller.
 - The norm is not differentiable at $d = 0$ (adversarial logits that move every margin by the same
   amount, e.g. $z' = z$, or C = 1); its gradient is defined as 0 there, so such rows get the plain
