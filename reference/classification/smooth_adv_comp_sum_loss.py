@@ -29,7 +29,7 @@ Semantics
 ---------
 - ``logits`` (clean) and ``adv_logits``: (N, C) real, same shape, C >= 1. ``target``: (N,) integers
   in [0, C) or ``ignore_index``. Both logit arrays receive gradients.
-- **Argument of the norm.** The paper's smooth term (its §5–6) penalises the change of the margin vector
+- **Argument of the norm.** The paper's smooth term penalises the change of the margin vector
   $\Delta_h(x, y) = (h(x, y) - h(x, y'))_{y'}$, not of the raw score vector: the term is therefore
   invariant to adding a per-row constant to either logit row, as the comp-sum loss itself is. (The
   $k = y$ entry of $d$ is 0, so including or excluding it gives the same norm.) A penalty on the raw
