@@ -108,3 +108,31 @@ def test_clear_errors():
         self_training_loss(z, t, torch.zeros(2, 3), lam=-1.0)
     with pytest.raises(ValueError, match="reduction"):
         self_training_loss(z, t, torch.zeros(2, 3), reduction="normalized")
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_vocabulary_rows_offsets_past_2_31_and_inductor_compile():
+    """Unlabelled rows of a 128256-class bf16 buffer whose last row starts past 2**31 elements, with a
+    tie across chunks, against the same rows made contiguous and against float64 torch."""
+    n, c = 4, 128256
+    k = 2**31 // (n * c) + 1
+    buf = torch.zeros((k * n, c), device="cuda", dtype=torch.bfloat16)
+    u = buf[::k]
+    u.copy_(torch.randn(n, c, device="cuda") * 3)
+    u[3, [100, 100000]] = 50.0
+    assert u.stride(0) * (n - 1) > 2**31
+    z = torch.randn(3, c, device="cuda").bfloat16()
+    t = torch.tensor([0, c - 1, 7], device="cuda")
+    ug = u.detach().requires_grad_(True)
+    out = self_training_loss(z, t, ug, lam=0.5, reduction="none")
+    torch.testing.assert_close(out, self_training_loss(z, t, u.contiguous(), lam=0.5, reduction="none"))
+    want = torch.cat([F.cross_entropy(z.double(), t, reduction="none"),
+                      0.5 * F.cross_entropy(u.double(), u.double().argmax(-1), reduction="none")])
+    torch.testing.assert_close(out.double(), want, rtol=1.6e-2, atol=1e-3)
+    (g,) = torch.autograd.grad(out[-1], ug)
+    assert g[3, 100].float() < 0 and g[3, 100000].float() >= 0  # the lowest tied index is the pseudo-label
+    uc = u.contiguous().requires_grad_(True)
+    compiled = torch.compile(lambda z, t, u: self_training_loss(z, t, u), fullgraph=True)
+    (gc,) = torch.autograd.grad(compiled(z, t, uc), uc)
+    (ge,) = torch.autograd.grad(self_training_loss(z, t, uc), uc)
+    torch.testing.assert_close(gc, ge)

@@ -118,3 +118,28 @@ def test_clear_errors_and_invalid_label():
         weighted_ce_with_stats(x, t, torch.ones(2), reduction="avg")
     out = weighted_ce_with_stats(x, torch.tensor([0, 3]), torch.ones(2), reduction="none")
     assert all(torch.isnan(o[1]) and torch.isfinite(o[0]) for o in out)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_vocabulary_rows_offsets_past_2_31_and_inductor_compile():
+    """Rows of a 128256-class bf16 buffer whose last row starts past 2**31 elements, against the
+    same rows made contiguous and against float64 torch; inductor-compiled forward and backward."""
+    n, c = 4, 128256
+    k = 2**31 // (n * c) + 1
+    buf = torch.zeros((k * n, c), device="cuda", dtype=torch.bfloat16)
+    x = buf[::k]
+    x.copy_(torch.randn(n, c, device="cuda") * 3)
+    assert x.stride(0) * (n - 1) > 2**31
+    t = torch.tensor([0, c - 1, -100, 12345], device="cuda")
+    w = torch.rand(n, device="cuda").bfloat16()
+    got = weighted_ce_with_stats(x, t, w, reduction="none")
+    for a, b in zip(got, weighted_ce_with_stats(x.contiguous(), t, w, reduction="none")):
+        torch.testing.assert_close(a, b)
+    want = eager(x.double(), t, w.double(), reduction="none")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1.6e-2, atol=1e-3)
+    xc = x.contiguous().requires_grad_(True)
+    compiled = torch.compile(lambda x, t, w: weighted_ce_with_stats(x, t, w, reduction="normalized")[0], fullgraph=True)
+    (g,) = torch.autograd.grad(compiled(xc, t, w), xc)
+    (g_eager,) = torch.autograd.grad(weighted_ce_with_stats(xc, t, w, reduction="normalized")[0], xc)
+    torch.testing.assert_close(g, g_eager)
