@@ -36,6 +36,9 @@ HAS_TRITON_BACKWARD = True
 
 LAUNCH = rt.RowLaunch(block=4096, warps=8)  # vocabulary chunk x warps of a token-row program
 SEQUENCE_BLOCK = 1024  # tokens one sequence program sums at a time (GPU)
+# The weight rule runs as one program: wide chunks keep its three passes over an all-gathered batch
+# (tens of thousands of losses) to a few iterations each. Not yet tuned on a GPU.
+WEIGHT_LAUNCH = rt.RowLaunch(block=16384, warps=16)
 
 
 # ---------------------------------------------------------------------------------- weighted_sequence_ce
@@ -334,7 +337,7 @@ def _reweight(losses: torch.Tensor, active: torch.Tensor | None, strategy: int, 
         mask = active.view(torch.uint8) if active is not None else losses  # a dummy pointer without a mask
         _reweight_kernel[(1,)](
             losses, losses.stride(0), mask, mask.stride(0), weights, n, delta, temperature,
-            STRATEGY=strategy, HAS_ACTIVE=active is not None, **rt.row_launch(n, LAUNCH),
+            STRATEGY=strategy, HAS_ACTIVE=active is not None, **rt.row_launch(n, WEIGHT_LAUNCH),
         )
     return weights
 
