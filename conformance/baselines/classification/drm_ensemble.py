@@ -10,7 +10,7 @@ import torch.nn.functional as F
 def drm_ensemble(logits, *, gamma=1.0, include_shared_head_in_sum=False):
     heads = logits.shape[0]
     y_hats = torch.softmax(logits, dim=-1)
-    entropy = -(y_hats * torch.log_softmax(logits, dim=-1)).sum(-1).clamp_min(1e-12)  # (D+1, B)
+    entropy = (-(y_hats * torch.log_softmax(logits, dim=-1)).sum(-1)).clamp_min(1e-12)  # (D+1, B)
     if gamma < 0:
         idx = entropy.argmin(dim=0)
         return y_hats.gather(0, idx[None, :, None].expand(1, *logits.shape[1:]))[0]
