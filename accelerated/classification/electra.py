@@ -94,6 +94,20 @@ def _logit_tile(
 
 
 @triton.jit
+def _gumbel(u):
+    """g = -log(-log(u + 1e-9) + 1e-9) in fp32. Near u = 1 the inner -log(u) is tiny: a log evaluated
+    next to 1 (an approximate GPU log above all) loses it, and fp32 drops the two 1e-9 terms, which
+    cancel there to within 1e-10 of it. So for u >= 0.9 the inner term is the series
+    -log(u) = 2 atanh(z) = 2 z (1 + z^2/3 + z^4/5 + z^6/7 + z^8/9), z = (1 - u) / (1 + u) <= 0.053
+    (1 - u is exact; the truncation is below 1e-12 relative)."""
+    z = (1.0 - u) / (1.0 + u)
+    z2 = z * z
+    series = 2.0 * z * (1.0 + z2 * (1.0 / 3.0 + z2 * (1.0 / 5.0 + z2 * (1.0 / 7.0 + z2 * (1.0 / 9.0)))))
+    inner = tl.where(u >= 0.9, series, -tl.log(u + GUMBEL_EPS) + GUMBEL_EPS)
+    return -tl.log(inner)
+
+
+@triton.jit
 def _generator_forward_kernel(
     x_ptr, stride_xm, stride_xh,    # (M, H) hidden states
     w_ptr, stride_wv, stride_wh,    # (V, H) LM head
@@ -139,8 +153,7 @@ def _generator_forward_kernel(
                     other=0.5).to(tl.float32)
         u_bad = ~((u >= 0.0) & (u < 1.0))  # NaN fails both comparisons
         bad_noise = tl.maximum(bad_noise, tl.max(tl.where(tile_ok & u_bad, 2, 0), axis=1))
-        g = -tl.log(-tl.log(u + GUMBEL_EPS) + GUMBEL_EPS)
-        score = h * inv_temp + g
+        score = h * inv_temp + _gumbel(u)
         if DISALLOW:
             score = tl.where(is_t, score - DISALLOW_PENALTY, score)
         is_nan = score != score
