@@ -212,7 +212,8 @@ def self_training_loss(logits, target, logits_unlabeled, *, lam=1.0, ignore_inde
         raise ValueError(f"logits_unlabeled must have the C = {logits.shape[1]} columns of logits, "
                          f"got shape {tuple(logits_unlabeled.shape)}")
     if logits_unlabeled.dtype != logits.dtype:
-        raise TypeError(f"logits_unlabeled must have the dtype of logits ({logits.dtype}), got {logits_unlabeled.dtype}")
+        raise TypeError(f"logits_unlabeled must have the dtype of logits ({logits.dtype}), "
+                        f"got {logits_unlabeled.dtype}")
     lam = check_real(lam, "lam", low=0.0)
     rt.check_device(("logits", logits), ("logits_unlabeled", logits_unlabeled))
 

@@ -7,7 +7,6 @@ from dataclasses import replace
 import numpy as np
 from hypothesis import strategies as st
 
-from ... import wrong_ports
 from ...registry import register
 from ...spec import BadInput, BenchCase, Sample
 from ...strategies import BATCH_SIZES, LAYOUTS, row_loss_edge_cases, row_loss_samples, upstream_grad
@@ -88,10 +87,6 @@ def _fd_skip(sample: Sample) -> str | None:
     return None
 
 
-def _row_count(sample: Sample) -> int:
-    return int(np.shape(sample.arrays["logits"])[1])
-
-
 def _bench_cases():
     def inputs(n, c):
         def make(rng):
@@ -158,7 +153,6 @@ SELF_TRAINING = row_loss_spec(
     examples=_examples,
     grad_inputs=("logits", "logits_unlabeled"),
     tolerance=ROW_LOSS_TOLERANCE,
-    reduction_length=_row_count,
     bad_inputs=row_bad_inputs({"lam": 1.0}, extra=lambda n: {"logits_unlabeled": np.zeros((2, 3))}) + (
         bad_hyper("lam", -0.5, ">= 0", extra=lambda n: {"logits_unlabeled": np.zeros((2, 3))}),
         BadInput("logits_unlabeled with another class count", lambda: (

@@ -11,7 +11,7 @@ from ... import wrong_ports
 from ...registry import register
 from ...spec import BadInput, BenchCase, Sample
 from ...strategies import row_loss_edge_cases, row_loss_samples, upstream_grad
-from ._rowloss import ROW_LOSS_TOLERANCE, ROW_LOSS_WRONG_PORTS, bad_hyper, row_bad_inputs, row_loss_spec
+from ._rowloss import ROW_LOSS_TOLERANCE, ROW_LOSS_WRONG_PORTS, row_bad_inputs, row_loss_spec
 
 REDUCTIONS = ("mean", "normalized", "sum", "none")
 WEIGHT_MODES = ("uniform", "uniform", "some zero", "all zero", "signed")
@@ -96,10 +96,11 @@ def _bench_cases():
 
 
 def _bytes(arrays: dict, itemsize: int, direction: str) -> float:
-    """Forward reads the logits once and writes five fp32 values and (m, s) a row; backward reads
-    the logits once and writes their gradient. Labels and weights add 8 + itemsize bytes a row."""
+    """Forward reads the logits once, the int64 label and the weight, and writes five fp32 values and
+    (m, s) a row; backward reads the logits once and writes their gradient, reading the label, (m, s)
+    and the row's fp32 gradient."""
     n, c = np.shape(arrays["logits"])
-    per_row = {"fwd": 28 + 8 + itemsize, "bwd": 16, "fwd+bwd": 44 + 8 + itemsize}[direction]
+    per_row = {"fwd": 36 + itemsize, "bwd": 20, "fwd+bwd": 56 + itemsize}[direction]
     passes = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[direction]
     return float(passes * n * c * itemsize + per_row * n)
 
