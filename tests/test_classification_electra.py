@@ -221,6 +221,25 @@ def test_inputs_and_incoming_gradient_are_not_written():
     torch.testing.assert_close(g, g_copy, rtol=0, atol=0)
 
 
+def test_gumbel_noise_is_accurate_up_to_u_near_one():
+    """The kernel's g(u) against float64 for random u, u within a few ulps of 1, and u = 0."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gumbel_kernel(u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, acc_module._gumbel(tl.load(u_ptr + i, mask=i < n, other=0.5)), mask=i < n)
+
+    top = np.float32(1) - np.arange(1, 100, dtype=np.float32) * np.float32(2**-24)
+    u = np.concatenate([np.random.default_rng(0).random(1000, dtype=np.float32), top,
+                        np.array([0, 1e-9, 0.5, 0.9, np.nextafter(np.float32(0.9), 0)], np.float32)])
+    out = torch.empty(len(u))
+    gumbel_kernel[(triton.cdiv(len(u), 256),)](torch.tensor(u), out, len(u), BLOCK=256)
+    want = -np.log(-np.log(u.astype(np.float64) + 1e-9) + 1e-9)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
 class _NoLaunch:
     def __getitem__(self, grid):
         raise AssertionError("a backward kernel was launched")
@@ -371,6 +390,32 @@ def test_gpu_extra_memory_is_far_below_the_logits():
     extra = torch.cuda.max_memory_allocated() - base
     grads = (m * h + v * h) * 2
     assert extra - grads < 0.10 * m * v * 2, f"extra peak {extra / 2**20:.1f} MiB"
+
+
+@on_gpu
+def test_gpu_offsets_beyond_2_to_the_31():
+    """A (V, H) weight view whose rows are 2**20 + 64 elements apart (offsets ~4.3e9 elements) and a
+    noise view of the same kind give what their contiguous copies give."""
+    m, h, v, stride = 64, 64, 4096, 2**20 + 64
+    try:
+        buf = torch.zeros(v, stride, device="cuda", dtype=torch.bfloat16)
+        noise_buf = torch.zeros(m, 2**26 + 64, device="cuda")
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for the 8 GiB + 16 GiB buffers")
+    buf[:, :h] = (torch.randn(v, h, device="cuda") * 0.1).to(torch.bfloat16)
+    noise_buf[:, :v] = torch.rand(m, v, device="cuda")
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    t = torch.randint(0, v, (m,), device="cuda")
+    sw = torch.ones(m, device="cuda")
+    results = []
+    for w, u in ((buf[:, :h], noise_buf[:, :v]), (buf[:, :h].contiguous(), noise_buf[:, :v].contiguous())):
+        w = w.detach().requires_grad_(True)
+        loss, samples = acc_generator(x, w, t, sw, u)
+        (gw,) = torch.autograd.grad(loss, w)
+        results.append((loss, samples, gw))
+    del buf, noise_buf
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
 
 
 @on_gpu

@@ -300,6 +300,9 @@ def _generator_dw_kernel(
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
+_SM_COUNT: dict = {}
+
+
 def _split_width(v: int, row_blocks: int, block_v: int, device) -> int:
     """Vocabulary entries per forward program (a multiple of ``block_v``): enough splits that the
     grid has about four programs per SM (two splits under the interpreter, so the merge is tested)."""
@@ -307,7 +310,9 @@ def _split_width(v: int, row_blocks: int, block_v: int, device) -> int:
     if rt.interpreting():
         splits = 2
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if device not in _SM_COUNT:
+            _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _SM_COUNT[device]
         splits = triton.cdiv(4 * sms, row_blocks)
     per_split = triton.cdiv(tiles, max(1, min(splits, tiles)))
     return per_split * block_v
