@@ -320,13 +320,13 @@ def test_gpu_matches_the_reference(dtype, mode, k, n, v):
 @on_gpu
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_offsets_beyond_2_to_the_31(mode):
-    """K = 4 members of a (4, 4100, 131072) bf16 tensor: 2.15e9 elements, offsets past 2**31; the
-    last tokens are checked against the eager baseline on a slice."""
-    k, n, v = 4, 4100, 131072
+    """K = 4 members of a (4, 5500, 131072) bf16 tensor: 2.9e9 elements; the member offset alone,
+    3 * stride_k = 2.16e9, passes 2**31. The last tokens are checked against the eager baseline on a slice."""
+    k, n, v = 4, 5500, 131072
     try:
         x = torch.randn(k, n, v, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
     except torch.cuda.OutOfMemoryError:
-        pytest.skip("not enough GPU memory for a 4.3 GB tensor and its gradient")
+        pytest.skip("not enough GPU memory for a 5.8 GB tensor and its gradient")
     y = torch.randint(0, v, (n,), device="cuda")
     out = acc_ece(x, y, mode=mode, reduction="none")
     (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))

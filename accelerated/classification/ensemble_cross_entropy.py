@@ -42,7 +42,10 @@ __all__ = ["ensemble_cross_entropy", "EnsembleCrossEntropy"]
 HAS_TRITON_BACKWARD = True
 
 # Chunk width x warps per token program (each chunk is one member row's slice, as in comp_sum_loss).
+# logit_mean holds its chunk's member sums in fp64: at 2048 x 8 warps its kernels need 48-58
+# registers a thread (sm_90, ptxas -v), as comp_sum_loss's at 4096; at 4096 they need 117-126.
 LAUNCH = rt.RowLaunch(block=4096, warps=8)
+LOGIT_MEAN_LAUNCH = rt.RowLaunch(block=2048, warps=8)
 
 
 @triton.jit
@@ -176,9 +179,9 @@ def _ensemble_backward_kernel(
                 tl.store(out_ptr + k * grad_stride_k + cols * grad_stride_v, d, mask=mask)
 
 
-def _launch(v: int) -> dict:
+def _launch(v: int, prob_mean: bool) -> dict:
     """``BLOCK_V`` and warps for rows of V classes."""
-    launch = rt.row_launch(v, LAUNCH)
+    launch = rt.row_launch(v, LAUNCH if prob_mean else LOGIT_MEAN_LAUNCH)
     return {"BLOCK_V": launch["BLOCK_C"], "num_warps": launch["num_warps"]}
 
 
@@ -199,7 +202,7 @@ def _ensemble_rows(
         _ensemble_forward_kernel[(n,)](
             logits, logits.stride(0), logits.stride(1), logits.stride(2), target, target.stride(0),
             loss, row_weight, stats, k, v, inv_temp, scale, math.log(k), ignore_index,
-            PROB_MEAN=prob_mean, **_launch(v),
+            PROB_MEAN=prob_mean, **_launch(v, prob_mean),
         )
     return loss, row_weight, stats
 
@@ -224,7 +227,7 @@ def _ensemble_rows_backward(
             grad_loss, grad_loss.stride(0), logits, logits.stride(0), logits.stride(1), logits.stride(2),
             target, target.stride(0), stats,
             grad_logits, grad_logits.stride(0), grad_logits.stride(1), grad_logits.stride(2),
-            k, v, inv_temp, scale, 1.0 / k, ignore_index, PROB_MEAN=prob_mean, **_launch(v),
+            k, v, inv_temp, scale, 1.0 / k, ignore_index, PROB_MEAN=prob_mean, **_launch(v, prob_mean),
         )
     return grad_logits
 
