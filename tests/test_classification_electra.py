@@ -372,24 +372,29 @@ def test_gpu_tf32_follows_the_matmul_precision():
 
 @on_gpu
 def test_gpu_extra_memory_is_far_below_the_logits():
-    """M = 8192, H = 768, V = 30522, bf16: forward + backward allocate the gradients, the fp32
-    accumulators and O(M) statistics: below 10% of the (M, V) bf16 logits the eager version stores
-    (the noise itself is an input)."""
+    """M = 8192, H = 768, V = 30522, bf16: the forward allocates O(M) statistics, below 10% of the
+    (M, V) bf16 logits the eager version stores (the issue's bound; the noise is an input); the
+    backward adds the gradients and the fp32 (M + V) x H accumulators (24% of those logits here)."""
     m, h, v = 8192, 768, 30522
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(v, h, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_(True)
     t = torch.randint(0, v, (m,), device="cuda")
     sw = torch.ones(m, device="cuda")
     u = torch.rand(m, v, device="cuda")
+    logits_bytes = m * v * 2
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     loss, _ = acc_generator(x, w, t, sw, u)
+    torch.cuda.synchronize()
+    forward_extra = torch.cuda.max_memory_allocated() - base
+    assert forward_extra < 0.10 * logits_bytes, f"forward extra peak {forward_extra / 2**20:.1f} MiB"
     loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     grads = (m * h + v * h) * 2
-    assert extra - grads < 0.10 * m * v * 2, f"extra peak {extra / 2**20:.1f} MiB"
+    accumulators = (m + v) * h * 4
+    assert extra < grads + accumulators + 0.02 * logits_bytes, f"extra peak {extra / 2**20:.1f} MiB"
 
 
 @on_gpu
