@@ -243,3 +243,84 @@ def test_logit_mse_bad_arguments_are_named(bad, match):
     args = dict(student_logits=torch.zeros(4, 3), teacher_logits=torch.zeros(4, 3)) | bad
     with pytest.raises((TypeError, ValueError), match=match):
         acc.logit_mse_distillation(**args)
+
+
+# ------------------------------------------------------------------------------------ GPU lane only
+
+on_gpu = pytest.mark.gpu  # needs CUDA with compiled kernels (skipped otherwise, see conftest.py)
+GPU_RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
+
+
+def _gpu_inputs(n, c, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    s = torch.randn(n, c, device="cuda", generator=gen).to(dtype)
+    t = (s.float() + 0.5 * torch.randn(n, c, device="cuda", generator=gen)).to(dtype)
+    y = torch.randint(0, c, (n,), device="cuda", generator=gen)
+    y[::7] = -100
+    return s, t, y
+
+
+def _check(loss, grad, want, want_g, dtype, c):
+    rtol = GPU_RTOL[dtype]
+    np.testing.assert_allclose(loss.double().cpu().numpy(), want, rtol=rtol, atol=1e-6 * math.sqrt(c))
+    # fp16 gradients of O(1 / C^2) underflow below its smallest subnormal, 2**-24, as any fp16 output would.
+    floor = 2.0**-24 if dtype == torch.float16 else 0.0
+    np.testing.assert_allclose(grad.double().cpu().numpy(), want_g, rtol=rtol,
+                               atol=rtol * np.abs(want_g).max() + floor)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,c", [(64, 32000), (8, 128256)])
+def test_gpu_benchmark_rows_match_the_reference(dtype, n, c):
+    """The compiled 4096-wide chunks on vocabulary-sized rows, against float64 on the rounded inputs."""
+    s, t, y = _gpu_inputs(n, c, dtype)
+    s64, t64, y64 = s.double().cpu().numpy(), t.double().cpu().numpy(), y.cpu().numpy().astype(np.int64)
+    sg = s.clone().requires_grad_(True)
+    loss = acc.logit_mse_distillation(sg, t, reduction="none")
+    g = torch.rand_like(loss) + 0.5
+    (gs,) = torch.autograd.grad(loss, [sg], g)
+    g64 = g.double().cpu().numpy()
+    _check(loss, gs, logit_mse_distillation(s64, t64, reduction="none"),
+           logit_mse_distillation_grad(g64, s64, t64, reduction="none"), dtype, c)
+    loss = acc.softmax_mse_distillation(sg, y, t, reduction="none")
+    (gs,) = torch.autograd.grad(loss, [sg], g)
+    _check(loss, gs, softmax_mse_distillation(s64, y64, t64, reduction="none"),
+           softmax_mse_distillation_grad(g64, s64, y64, t64, reduction="none"), dtype, c)
+
+
+@on_gpu
+def test_gpu_offsets_beyond_2_to_the_31():
+    """(16 400, 131 072) bf16 logits: the last rows start past element 2**31."""
+    n, c = 16_400, 131_072
+    try:
+        s, t, y = _gpu_inputs(n, c, torch.bfloat16)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    tail = slice(n - 3, n)
+    for fn in (lambda s, y, t: acc.logit_mse_distillation(s, t, reduction="none"),
+               lambda s, y, t: acc.softmax_mse_distillation(s, y, t, reduction="none")):
+        sg = s.detach().requires_grad_(True)
+        loss = fn(sg, y, t)
+        (gs,) = torch.autograd.grad(loss, [sg], torch.ones_like(loss))
+        s2 = s[tail].detach().clone().requires_grad_(True)
+        want = fn(s2, y[tail], t[tail])
+        (ws,) = torch.autograd.grad(want, [s2], torch.ones_like(want))
+        torch.testing.assert_close(loss[tail], want)
+        torch.testing.assert_close(gs[tail], ws)
+        del gs, sg
+
+
+@on_gpu
+def test_gpu_inductor_fullgraph():
+    torch._dynamo.reset()
+    s, t, y = _gpu_inputs(256, 32000, torch.bfloat16)
+    fn = torch.compile(lambda s, y, t: acc.softmax_mse_distillation(s, y, t) + acc.logit_mse_distillation(s, t),
+                       fullgraph=True)
+    s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    out = fn(s1, y, t)
+    out.backward()
+    want = acc.softmax_mse_distillation(s2, y, t) + acc.logit_mse_distillation(s2, t)
+    want.backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(s1.grad, s2.grad)

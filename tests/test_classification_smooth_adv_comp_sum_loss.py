@@ -212,3 +212,74 @@ def test_bad_arguments_are_named(bad, match):
     args = dict(logits=torch.zeros(4, 3), target=torch.zeros(4, dtype=torch.long), adv_logits=torch.zeros(4, 3)) | bad
     with pytest.raises((TypeError, ValueError), match=match):
         acc.smooth_adv_comp_sum_loss(**args)
+
+
+# ------------------------------------------------------------------------------------ GPU lane only
+
+on_gpu = pytest.mark.gpu  # needs CUDA with compiled kernels (skipped otherwise, see conftest.py)
+GPU_RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
+
+
+def _gpu_inputs(n, c, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    z = torch.randn(n, c, device="cuda", generator=gen).to(dtype)
+    adv = (z.float() + 0.1 * torch.randn(n, c, device="cuda", generator=gen)).to(dtype)
+    y = torch.randint(0, c, (n,), device="cuda", generator=gen)
+    y[::7] = -100
+    return z, y, adv
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,c", [(64, 32000), (8, 128256)])
+def test_gpu_benchmark_rows_match_the_reference(dtype, n, c):
+    """The compiled 4096-wide chunks on vocabulary-sized rows, against float64 on the rounded inputs."""
+    z, y, adv = _gpu_inputs(n, c, dtype)
+    zg, ag = z.clone().requires_grad_(True), adv.clone().requires_grad_(True)
+    loss = acc.smooth_adv_comp_sum_loss(zg, y, ag, tau=1.5, nu=0.5, reduction="none")
+    g = torch.rand_like(loss) + 0.5
+    gz, ga = torch.autograd.grad(loss, [zg, ag], g)
+    z64, a64, y64, g64 = (t.double().cpu().numpy() for t in (z, adv, y, g))
+    y64 = y64.astype(np.int64)
+    want = smooth_adv_comp_sum_loss(z64, y64, a64, tau=1.5, nu=0.5, reduction="none")
+    want_g = smooth_adv_comp_sum_loss_grad(g64, z64, y64, a64, tau=1.5, nu=0.5, reduction="none")
+    rtol = GPU_RTOL[dtype]
+    np.testing.assert_allclose(loss.double().cpu().numpy(), want, rtol=rtol, atol=1e-6 * math.sqrt(c))
+    for got, ref in ((gz, want_g["logits"]), (ga, want_g["adv_logits"])):
+        np.testing.assert_allclose(got.double().cpu().numpy(), ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
+@on_gpu
+def test_gpu_offsets_beyond_2_to_the_31():
+    """(16 400, 131 072) bf16 logits: the last rows start past element 2**31."""
+    n, c = 16_400, 131_072
+    try:
+        z, y, adv = _gpu_inputs(n, c, torch.bfloat16)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    zg, ag = z.requires_grad_(True), adv.requires_grad_(True)
+    loss = acc.smooth_adv_comp_sum_loss(zg, y, ag, reduction="none")
+    gz, ga = torch.autograd.grad(loss, [zg, ag], torch.ones_like(loss))
+    tail = slice(n - 3, n)
+    z2, a2 = z[tail].detach().clone().requires_grad_(True), adv[tail].detach().clone().requires_grad_(True)
+    want = acc.smooth_adv_comp_sum_loss(z2, y[tail], a2, reduction="none")
+    wz, wa = torch.autograd.grad(want, [z2, a2], torch.ones_like(want))
+    torch.testing.assert_close(loss[tail], want)
+    torch.testing.assert_close(gz[tail], wz)
+    torch.testing.assert_close(ga[tail], wa)
+
+
+@on_gpu
+def test_gpu_inductor_fullgraph():
+    torch._dynamo.reset()
+    z, y, adv = _gpu_inputs(256, 32000, torch.bfloat16)
+    fn = torch.compile(lambda z, y, a: acc.smooth_adv_comp_sum_loss(z, y, a), fullgraph=True)
+    z1, a1 = z.clone().requires_grad_(True), adv.clone().requires_grad_(True)
+    z2, a2 = z.clone().requires_grad_(True), adv.clone().requires_grad_(True)
+    out = fn(z1, y, a1)
+    out.backward()
+    want = acc.smooth_adv_comp_sum_loss(z2, y, a2)
+    want.backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(z1.grad, z2.grad)
+    torch.testing.assert_close(a1.grad, a2.grad)
