@@ -140,7 +140,8 @@ def ensemble_cross_entropy_grad(grad, logits, target, *, mode="logit_mean", temp
     z, y, active, t = _prepare(logits, target, mode, temperature, ignore_index, reduction)
     k, n, v = z.shape
     row_grad = np.where(active, reduce_rows_grad(grad, active.astype(np.float64), reduction), 0.0)
-    onehot = np.eye(v)[y]  # (N, V)
+    onehot = np.zeros((n, v))
+    onehot[np.arange(n), y] = 1.0
     with np.errstate(invalid="ignore", over="ignore"):
         if mode == "logit_mean":
             p = np.exp(_log_softmax(z.mean(axis=0) / t))
