@@ -77,10 +77,6 @@ from .._checks import as_float_array, check_real, check_reduction
 
 __all__ = ["kd_landmark_loss", "kd_landmark_loss_grad"]
 
-DEFAULTS = dict(alpha_tough=1.9, alpha_tough_neg=-0.45, alpha_tolerant=1.8, alpha_tolerant_neg=-0.4,
-                main_weight=2.0, tough_weight=1.0, tolerant_weight=1.0, reflection=0.15)
-
-
 def check_kd_hyper(alpha_tough, alpha_tough_neg, alpha_tolerant, alpha_tolerant_neg,
                    main_weight, tough_weight, tolerant_weight, reflection, reduction) -> tuple:
     """The hyper-parameters as floats, in the order above (shared with the accelerated entry)."""
