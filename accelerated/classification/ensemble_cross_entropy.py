@@ -2,9 +2,11 @@
 backward, and no averaged (N, V) logits or (K, N, V) softmax in memory. See
 `twinops.reference.classification.ensemble_cross_entropy` for the definition.
 
-One program per token. Its K member rows are read in ``BLOCK_V``-wide chunks, each chunk one
-contiguous load like a single-model cross-entropy's, so the memory pattern is that of K row-wise
-losses; only O(K) numbers per token persist between passes.
+One program per token, every read a contiguous ``BLOCK_V``-wide slice of one member row, as in a
+single-model cross-entropy, so each member row is read once per pass and only O(K) numbers per
+token persist between passes. logit_mean needs the members together (it sums them per class), so it
+reads the K member slices of each chunk in turn; prob_mean needs each member's own (m_k, s_k), so it
+walks the members one after another, each with ``row_max_sumexp``. The bytes are the same.
 
 logit_mean, forward:   walk V; in each chunk sum the K members' logits, S_v = sum_k Z_kv (fp64),
                        z_v = S_v / (K t) and keep one online (m, s) of z; loss = log s - (z_y - m)
@@ -16,10 +18,10 @@ prob_mean, forward:    for each member k, the online (m_k, s_k) of Z_k / t (``ro
            backward:   the a_k again (K scalar loads), r_k = softmax_k(a_k), then for each member
                        dZ_kv = g r_k / t * (exp((Z_kv - m_k) / t) / s_k - [v = y])
 
-The member sum of logit_mean is formed in fp64: every probability depends on the difference
-z_v - m of two averaged logits, and an fp32 sum of K logits of size |Z| rounds each by up to
-|Z| 2^-24, which becomes a relative error of the probabilities beyond fp32 tolerance for |Z| ~ 100
-(and an absolute error of 1e-3 in the loss at |Z| ~ 1e4). The fp64 work is K conversions and
+The member sum of logit_mean is formed in fp64: the loss and every probability depend on
+differences z_v - m of averaged logits, and an fp32 sum of K logits of size |Z| is rounded by up
+to |Z| 2^-24: at |Z| / t of a few hundred that puts the loss up to 5x beyond the fp32 tolerance
+(1e-5 relative), at |Z| ~ 1e4 it is an absolute error of 1e-3. The fp64 work is K conversions and
 adds per class, far below the memory time on data-centre GPUs. The forward saves (m, s) per token
 (logit_mean) or per member and token (prob_mean) as fp64, 16 bytes each.
 """
