@@ -32,14 +32,15 @@ __all__ = ["gradient_match_distance", "gradient_match_distance_named", "Gradient
 
 HAS_TRITON_BACKWARD = True
 
-# Columns of the tensor table, one int64 row per parameter tensor. A tensor's row view is
-# (rows, n1 * n2 * n3): 4-D (O, I, kh, kw) -> n = (I, kh, kw); 3-D (C, h, w) -> (1, h, w);
-# 2-D (O, I) -> (1, 1, I); 1-D (C,) -> one row (1, 1, C). Element (o, i1, i2, i3) of the
-# synthetic tensor lies at SYN + o*S0 + i1*S1 + i2*S2 + i3*S3 (elements), of the real one at
-# REAL + o*R0 + ... . When every row is one strided line (FLAT), n1 = n2 = 1 and S3/R3 step along it.
-SYN, REAL, ROW_START, ROWS, N1, N2, N3 = 0, 1, 2, 3, 4, 5, 6
-S0, S1, S2, S3, R0, R1, R2, R3 = 7, 8, 9, 10, 11, 12, 13, 14
-OUT_START, COUNTED = 15, 16  # offset of the tensor in the packed gradient; 1 if it has >= 2 dims
+# The tensor table: one int64 row of 17 columns per parameter tensor. A tensor's row view is
+# (rows, n1 * n2 * n3): 4-D (O, I, kh, kw) -> (n1, n2, n3) = (I, kh, kw); 3-D (C, h, w) -> (1, h, w);
+# 2-D (O, I) -> (1, 1, I); 1-D (C,) -> one row (1, 1, C). Element (o, i1, i2, i3) of the synthetic
+# tensor lies at address col0 + (o*col7 + i1*col8 + i2*col9 + i3*col10) elements, of the real one at
+# col1 + (o*col11 + i1*col12 + i2*col13 + i3*col14). When every row is one strided line (FLAT),
+# n1 = n2 = 1 and col10 / col14 step along it.
+#   0 synthetic address   1 real address   2 first packed row   3 rows   4-6 n1, n2, n3
+#   7-10 synthetic strides (row, 1, 2, 3)   11-14 real strides   15 offset in the packed gradient
+#   16 compared by "ours" (1 if the tensor has >= 2 dimensions)
 NCOL = 17
 STATS = 5  # compared by "ours", <a,b>, |a|^2, |b|^2, |b-a|^2 per row
 METRIC_IDS = {"ours": 0, "mse": 1, "cos": 2}
@@ -48,7 +49,7 @@ LAUNCH = rt.RowLaunch(block=1024, warps=4)
 
 
 @triton.jit
-def _find_rows(table_ptr, p, num_tensors, num_rows, DTYPE: tl.constexpr, FLAT: tl.constexpr, LOG_K: tl.constexpr):
+def _find_rows(table_ptr, p, num_tensors, num_rows, DTYPE: tl.constexpr, LOG_K: tl.constexpr):
     """For packed rows ``p`` (a vector): the table entry of each row's tensor, the row ``o`` inside it,
     the row length (0 for ``p`` past the last row), and the two row pointers."""
     # Binary search for the last tensor whose first packed row is <= p (tensors with no rows have
@@ -91,7 +92,7 @@ def _gm_rows_kernel(
 ):
     # Each program reduces ROWS packed rows (possibly of different tensors) in (ROWS, BLOCK) tiles.
     p = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    entry, o, length, syn, real = _find_rows(table_ptr, p, num_tensors, num_rows, DTYPE, FLAT, LOG_K)
+    entry, o, length, syn, real = _find_rows(table_ptr, p, num_tensors, num_rows, DTYPE, LOG_K)
     dot = tl.full([ROWS, BLOCK], 0.0, tl.float32)
     aa = tl.full([ROWS, BLOCK], 0.0, tl.float32)
     bb = tl.full([ROWS, BLOCK], 0.0, tl.float32)
@@ -105,14 +106,12 @@ def _gm_rows_kernel(
         aa += a * a
         bb += b * b
         dd += (b - a) * (b - a)
-    # One reduction of the four accumulators; tl.join stacks along a new last axis, so
-    # sums[r, i, j] is accumulator i of pair j: (<a,b>, |a|^2) for j = 0, (|b|^2, |b-a|^2) for j = 1.
-    sums = tl.sum(tl.join(tl.join(dot, aa), tl.join(bb, dd)), axis=1)
-    pair = tl.arange(0, 2)
     live = p < num_rows
     out = stats_ptr + p * 5
-    tl.store(out[:, None, None] + 1 + pair[None, :, None] + 2 * pair[None, None, :], sums,
-             mask=live[:, None, None])
+    tl.store(out + 1, tl.sum(dot, axis=1), mask=live)
+    tl.store(out + 2, tl.sum(aa, axis=1), mask=live)
+    tl.store(out + 3, tl.sum(bb, axis=1), mask=live)
+    tl.store(out + 4, tl.sum(dd, axis=1), mask=live)
     tl.store(out, (tl.load(entry + 16) != 0).to(tl.float32), mask=live)  # 1 if compared by "ours" (>= 2 dims)
 
 
@@ -141,18 +140,16 @@ def _gm_total_kernel(
         aa += sa
         bb += sb
         dd += tl.load(row + 4, mask=mask, other=0.0)
-    # sums[i, j] is entry i of pair j: (sum d, sum <a,b>) for j = 0, (sum |a|^2, sum |b|^2) for j = 1
-    sums = tl.sum(tl.join(tl.join(d, dot), tl.join(aa, bb)), axis=0)
-    pair = tl.arange(0, 2)
-    tl.store(totals_ptr + pair[:, None] + 2 * pair[None, :], sums)
+    d, s, sa, sb = tl.sum(d, axis=0), tl.sum(dot, axis=0), tl.sum(aa, axis=0), tl.sum(bb, axis=0)
+    tl.store(totals_ptr + 0, d)
+    tl.store(totals_ptr + 1, s)
+    tl.store(totals_ptr + 2, sa)
+    tl.store(totals_ptr + 3, sb)
     if METRIC == 0:
-        value = tl.sum(tl.sum(tl.where((pair[:, None] == 0) & (pair[None, :] == 0), sums, 0.0), axis=1), axis=0)
+        value = d
     elif METRIC == 1:
         value = tl.sum(dd, axis=0)
     else:
-        s = tl.sum(tl.sum(tl.where((pair[:, None] == 1) & (pair[None, :] == 0), sums, 0.0), axis=1), axis=0)
-        sa = tl.sum(tl.sum(tl.where((pair[:, None] == 0) & (pair[None, :] == 1), sums, 0.0), axis=1), axis=0)
-        sb = tl.sum(tl.sum(tl.where((pair[:, None] == 1) & (pair[None, :] == 1), sums, 0.0), axis=1), axis=0)
         value = 1.0 - s / (tl.sqrt(sa) * tl.sqrt(sb) + eps)
     tl.store(out_ptr, value.to(out_ptr.dtype.element_ty))
 
@@ -169,7 +166,7 @@ def _gm_backward_kernel(
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     p = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    entry, o, length, syn, real = _find_rows(table_ptr, p, num_tensors, num_rows, DTYPE, FLAT, LOG_K)
+    entry, o, length, syn, real = _find_rows(table_ptr, p, num_tensors, num_rows, DTYPE, LOG_K)
     live = p < num_rows
     out = out_ptr + tl.load(entry + 15) + o * length
 
@@ -250,13 +247,13 @@ def _table(grads_syn, grads_real, device):
 
 
 def _launch(widest: int) -> dict:
-    """Tile (ROWS packed rows x BLOCK columns) and warps. On the GPU one program a row, its columns
-    in chunks of up to 1024; under the interpreter 16 x 16 tiles, so short test rows cross chunk
-    boundaries and programs are few."""
+    """Tile (ROWS packed rows x BLOCK columns) and warps. On the GPU two rows a program, their
+    columns in chunks of up to 1024; under the interpreter 16 x 16 tiles, so short test rows cross
+    chunk boundaries and programs are few."""
     if rt.interpreting():
         return {"ROWS": 16, "BLOCK": 16, "num_warps": 1}
     opts = rt.row_launch(widest, LAUNCH)
-    return {"ROWS": 1, "BLOCK": opts["BLOCK_C"], "num_warps": opts["num_warps"]}
+    return {"ROWS": 2, "BLOCK": opts["BLOCK_C"], "num_warps": opts["num_warps"]}
 
 
 def _log_k(k: int) -> int:

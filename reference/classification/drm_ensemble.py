@@ -2,7 +2,7 @@ r"""DRM's test-time ensemble: the predictions of $D$ domain-specific heads and o
 combined per sample by their prediction entropy.
 
 Paper P32 — *Domain-Specific Risk Minimization for Out-of-Distribution Generalization*
-(Zhang, Wang, Zhang, Tan, Jin, KDD 2023).
+(Zhang, Wang, Liang, Zhang, Yu, Wang, Tao, Xie, KDD 2023).
 
 For heads $h = 0, \dots, D$ (head $D$ is the shared head trained on all source domains) with
 logits $z_{hb} \in \mathbb{R}^C$ for sample $b$:
