@@ -154,3 +154,33 @@ def test_clear_errors():
 
 def test_empty_batch():
     assert acc_drm(torch.zeros(3, 0, 5)).shape == (0, 5)
+
+
+# ------------------------------------------------------------------------------------- GPU lane
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_benchmark_shape_against_float64(dtype):
+    """DomainNet shape (4 heads, 4096 samples, 345 classes) against the reference on the same rounded values."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 4096, 345, device="cuda") * 3).to(dtype)
+    ref64 = drm_ensemble(x.double().cpu().numpy(), gamma=1.0)
+    got = acc_drm(x, gamma=1.0)
+    assert got.dtype == dtype
+    tol = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-4)
+    np.testing.assert_allclose(got.double().cpu().numpy(), ref64, **tol)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_2_31_and_inductor_compile():
+    b, c = 3, 345
+    gap = 2**30 + 7  # head h starts h * gap elements in: the last head lies past 2**31
+    buf = torch.zeros(2 * gap + b * c, device="cuda", dtype=torch.float16)
+    x = buf.as_strided((3, b, c), (gap, c, 1))
+    x.copy_(torch.randn(3, b, c, device="cuda"))
+    assert x.stride(0) * 2 > 2**31
+    torch.testing.assert_close(acc_drm(x, gamma=-1.0), acc_drm(x.contiguous(), gamma=-1.0))
+    fn = torch.compile(lambda t: acc_drm(t, gamma=0.5), fullgraph=True)
+    xc = x.contiguous()
+    torch.testing.assert_close(fn(xc), acc_drm(xc, gamma=0.5))

@@ -164,3 +164,41 @@ def test_clear_errors():
         acc_gm(x, [x])
     with pytest.raises(ValueError, match="metric"):
         acc_gm([x], [x], metric="l1")
+
+
+# ------------------------------------------------------------------------------------- GPU lane
+
+CONVNET3 = ((128, 3, 3, 3), (128,), (128,), (128,), (128, 128, 3, 3), (128,), (128,), (128,),
+            (128, 128, 3, 3), (128,), (128,), (128,), (10, 2048), (10,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["ours", "mse", "cos"])
+def test_gpu_convnet3_gradients_against_float64(metric):
+    """The benchmark's parameter list (fp32, realistic gradient scale) against the reference and autograd."""
+    torch.manual_seed(0)
+    real = [torch.randn(s, device="cuda") * 1e-2 for s in CONVNET3]
+    syn = [(r + torch.randn_like(r) * 1e-2).requires_grad_(True) for r in real]
+    out = acc_gm(syn, real, metric=metric)
+    syn64 = [s.detach().double().cpu().numpy() for s in syn]
+    real64 = [r.double().cpu().numpy() for r in real]
+    want = float(gradient_match_distance(syn64, real64, metric=metric))
+    assert float(out) == pytest.approx(want, rel=1e-5, abs=1e-4)
+    grads = torch.autograd.grad(out, syn)
+    for g, w in zip(grads, gradient_match_distance_grad(1.0, syn64, real64, metric=metric)):
+        np.testing.assert_allclose(g.double().cpu().numpy(), w, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(w).max()))
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_compile_and_strided_views():
+    syn = [torch.randn(64, 3, 3, 4, device="cuda").permute(0, 3, 1, 2).requires_grad_(True),
+           torch.randn(64, device="cuda", requires_grad=True), torch.randn(10, 300, device="cuda")[:, ::2]]
+    syn[2].requires_grad_(True)
+    real = [torch.randn(s.shape, device="cuda") for s in syn]
+    fn = torch.compile(lambda s, r: acc_gm(s, r), fullgraph=True)
+    torch.testing.assert_close(fn(syn, real), acc_gm(syn, real))
+    contiguous = [s.detach().contiguous().requires_grad_(True) for s in syn]
+    g1 = torch.autograd.grad(acc_gm(syn, real), syn)
+    g2 = torch.autograd.grad(acc_gm(contiguous, real), contiguous)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
