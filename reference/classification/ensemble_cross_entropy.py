@@ -34,10 +34,11 @@ Semantics
 ---------
 - ``logits``: one stacked (K, N, V) real array, member first: ``logits[k]`` holds member *k*'s
   (N, V) logits; K >= 1, V >= 1. ``target``: (N,) integers in [0, V) or ``ignore_index``.
-- ``temperature`` $t$ > 0 (finite), default 1. In ``logit_mean`` it divides the averaged logits;
-  in ``prob_mean`` it divides *each member's* logits before its softmax, so the mixture is of
-  the tempered member distributions (the temperature of levanter's ``EnsembleModel`` applied per
-  member). The two placements agree for ``logit_mean`` since averaging is linear.
+- ``temperature`` $t$ > 0 (finite), default 1. In ``logit_mean`` it divides the averaged logits
+  (equivalently each member's: averaging is linear). In ``prob_mean`` it divides *each member's*
+  logits before that member's softmax, so the loss is that of the mixture of the tempered member
+  distributions; tempering the mixture itself (raising $\frac{1}{K}\sum_k p_k$ to the power
+  $1/t$ and renormalising) is a different quantity and is not offered.
 - ``mode``: ``"logit_mean"`` or ``"prob_mean"``. The paper's exact ensemble rule is not stated
   in its text; the public evaluation code averages logits, so that is the default.
 - No class weights. Rows whose target equals ``ignore_index`` contribute loss 0 and gradient
