@@ -376,7 +376,8 @@ def gradient_match_distance(grads_syn, grads_real, *, metric="ours", eps=1e-6):
     Same arguments and semantics as `twinops.reference.classification.gradient_match_distance`;
     returns a 0-d tensor in the gradients' dtype (all tensors must share one dtype and device).
     Differentiable with respect to ``grads_syn`` (e.g. built with ``create_graph=True``);
-    ``grads_real`` must not require grad.
+    ``grads_real`` must not require grad. Empty lists give a constant CPU float32 0-d tensor
+    (0, or 1 for ``"cos"``).
     """
     eps = _check(grads_syn, grads_real, metric, eps)
     if len(grads_syn) == 0:
