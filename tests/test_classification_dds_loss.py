@@ -131,10 +131,11 @@ def test_half_noise_predictions_with_an_fp32_latent():
     torch.testing.assert_close(got, acc_dds(z, **{k: v.float() for k, v in half.items()}))
 
 
-def test_bool_mask_equals_float_mask_and_views_are_read_in_place():
+def test_bool_and_integer_masks_equal_float_masks_and_views_are_read_in_place():
     z, noise = _tensors()
     mask = torch.rand(1, 4, 9, 7, generator=torch.Generator().manual_seed(2)) > 0.5
     torch.testing.assert_close(acc_dds(z, **noise, mask=mask), acc_dds(z, **noise, mask=mask.float()))
+    torch.testing.assert_close(acc_dds(z, **noise, mask=mask.to(torch.uint8)), acc_dds(z, **noise, mask=mask.float()))
     channels_last = z.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(acc_dds(channels_last, **noise, reduction="none"), acc_dds(z, **noise, reduction="none"))
 
@@ -191,7 +192,7 @@ def test_traces_as_one_graph():
     (dict(z_tgt=torch.zeros(4, 9, 7)), "z_tgt"),
     (dict(eps_tgt_uncond=torch.zeros(2, 4, 9, 6)), "eps_tgt_uncond"),
     (dict(mask=torch.ones(2, 9, 7)), "mask"),
-    (dict(mask=torch.ones(9, 7, dtype=torch.int64)), "mask"),
+    (dict(mask=torch.ones(9, 7, dtype=torch.float64)), "mask"),
     (dict(weight=torch.ones(3)), "weight"),
     (dict(guidance_scale=float("inf")), "guidance_scale"),
     (dict(reduction="avg"), "reduction"),

@@ -214,8 +214,8 @@ def dds_loss(z_tgt, eps_src_uncond, eps_src_cond, eps_tgt_uncond, eps_tgt_cond, 
     """DDS surrogate loss sum(z_tgt * sg(g)) / (h w) on the GPU; its gradient in ``z_tgt`` is g / (h w).
 
     Same arguments and semantics as `twinops.reference.classification.dds_loss`. The noise
-    predictions may be in any floating dtype (fp16 from the UNet, say); everything is computed in
-    fp32 and the result and gradient have ``z_tgt``'s dtype. Non-finite noise predictions give NaN
+    predictions may be in any floating dtype (fp16 from the UNet, say) and the mask bool, integer or
+    floating; everything is computed in fp32 and the result and gradient have ``z_tgt``'s dtype. Non-finite noise predictions give NaN
     (loss and gradient entries) instead of the reference's error, which would need a device
     synchronisation.
     """
@@ -237,8 +237,8 @@ def dds_loss(z_tgt, eps_src_uncond, eps_src_cond, eps_tgt_uncond, eps_tgt_cond, 
         weight = weight.detach()
     if mask is not None:
         rt.check_tensor(mask, "mask")
-        if mask.dtype not in rt.FLOAT_DTYPES + (torch.bool,):
-            raise TypeError(f"mask must be a bool, float32, float16 or bfloat16 tensor, got {mask.dtype}")
+        if mask.dtype not in rt.FLOAT_DTYPES + rt.INT_DTYPES + (torch.bool,):
+            raise TypeError(f"mask must be a bool, integer, float32, float16 or bfloat16 tensor, got {mask.dtype}")
         if mask.ndim > 4 or not all(m in (1, s) for m, s in zip(mask.shape[::-1], z_tgt.shape[::-1])):
             raise ValueError(f"mask of shape {tuple(mask.shape)} must broadcast to the shape of z_tgt "
                              f"{tuple(z_tgt.shape)}")

@@ -65,8 +65,9 @@ Semantics
   gradient. Infinite inputs follow IEEE arithmetic through the formulas above (e.g. an infinite
   ``pred`` gives an infinite loss).
 - Region tests compare computed values of $T$ and $b$ with $p$: an implementation in another
-  precision may pick the other side of a boundary when $p$ lies within rounding of $b$ (ties at
-  $p = g$, $p = T$ and $e = d$ are exact in any precision when the inputs are).
+  precision may pick the other side of a boundary when $p$ lies within rounding of $b$. Ties at
+  $p = g$, $p = T$ and $e = d$ are decided exactly in any precision whose arithmetic forms
+  $u - g$, $o - g$ and $p - g$ without rounding (e.g. inputs on a common power-of-two grid).
 """
 
 from __future__ import annotations
