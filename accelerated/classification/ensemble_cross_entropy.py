@@ -71,11 +71,12 @@ def _member_target_log_prob(row_ptr, stride_k, stride_v, stats_ptr, k, safe, inv
 
 @triton.jit
 def _ensemble_forward_kernel(
-    logits_ptr, stride_k, stride_n, stride_v,  # (K, N, V) member logits; (k, i, v) at k*stride_k + i*stride_n + v*stride_v
+    logits_ptr, stride_k, stride_n, stride_v,  # (K, N, V) member logits: Z_kiv at k*stride_k + i*stride_n + v*stride_v
     target_ptr, stride_target,                 # (N,) integer labels
     loss_ptr,                                  # out (N,) fp32: loss_i; 0 if ignored; NaN if the label is invalid
     row_weight_ptr,                            # out (N,) fp32: 1, or 0 if ignored (the mean's denominator)
-    stats_ptr,                                 # out (N, KS, 2) fp64 contiguous: (m, s) per token (KS = 1) or per member (KS = K)
+    stats_ptr,                                 # out (N, KS, 2) fp64 contiguous: (m, s) per token (KS = 1)
+                                               #   or per member (KS = K, prob_mean)
     K, V, inv_temp, scale, log_k, ignore_index,  # inv_temp = 1 / t, scale = 1 / (K t), log_k = log K
     PROB_MEAN: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
