@@ -12,7 +12,9 @@ reads its row in place: nothing is copied or concatenated.
 
 Forward, per packed row p (row o of tensor l), a = real row, b = synthetic row:
     stats[p] = ([tensor has >= 2 dims], <a,b>, |a|^2, |b|^2, |b - a|^2)
-    total:  "ours" sum_p d_p over rows of tensors with >= 2 dims, d_p = 1 - <a,b>/(|a||b| + eps),  "mse" sum_p |b - a|^2,  "cos" 1 - sum<a,b>/(sqrt(sum|a|^2) sqrt(sum|b|^2) + eps)
+    total:  "ours"  sum_p d_p over rows of tensors with >= 2 dims, d_p = 1 - <a,b>/(|a||b| + eps)
+            "mse"   sum_p |b - a|^2
+            "cos"   1 - sum<a,b> / (sqrt(sum |a|^2) sqrt(sum |b|^2) + eps)
 Backward, per packed row: d/db = alpha_p a + beta_p b, with (alpha, beta) from that row's sums
 ("ours"), the totals ("cos") or (-2g, 2g) ("mse"); written into one packed buffer that is
 returned as per-tensor views. Extra memory: 5 floats a row and 17 int64 a tensor.
@@ -119,7 +121,8 @@ def _gm_rows_kernel(
 def _gm_total_kernel(
     stats_ptr, num_rows,      # (R, 5) fp32 from _gm_rows_kernel
     out_ptr,                  # out () in the input dtype: the distance
-    totals_ptr,               # out (4,) fp32: sum d, sum <a,b>, sum |a|^2, sum |b|^2 (the last three for the "cos" backward)
+    totals_ptr,               # out (4,) fp32: sum d, sum <a,b>, sum |a|^2, sum |b|^2 (the last three feed
+                              #   the "cos" backward)
     eps,
     METRIC: tl.constexpr, BLOCK: tl.constexpr,
 ):

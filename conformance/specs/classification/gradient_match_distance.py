@@ -183,7 +183,8 @@ def _bytes(arrays: dict, itemsize: int, direction: str) -> float:
 
 def _counts_1d_tensors(fn):
     """Compares biases and norm parameters too (a 1-D tensor viewed as one row)."""
-    return lambda **kw: fn(**{k: (v.reshape(1, -1) if hasattr(v, "ndim") and v.ndim == 1 else v) for k, v in kw.items()})
+    return lambda **kw: fn(**{k: (v.reshape(1, -1) if hasattr(v, "ndim") and v.ndim == 1 else v)
+                              for k, v in kw.items()})
 
 
 def _whole_tensor_cosine(fn):
