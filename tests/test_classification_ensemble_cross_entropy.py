@@ -198,6 +198,25 @@ def test_kernel_out_of_range_label_poisons_its_token_only():
         assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_kernel_nan_and_inf_positions_follow_the_reference(mode):
+    """A member row of -inf (NaN in prob_mean, a -inf average in logit_mean), every member -inf,
+    and a partly -inf row: losses and gradients match the reference, NaN positions exactly."""
+    z = _members(k=3, n=4, v=6, seed=7)
+    z[1, 0, :] = -np.inf
+    z[:, 1, :] = -np.inf
+    z[0, 2, :3] = -np.inf
+    y = np.array([0, 1, 4, 5])
+    g = _upstream("none", 4)
+    want = ensemble_cross_entropy(z, y, mode=mode, reduction="none")
+    want_g = ensemble_cross_entropy_grad(g, z, y, mode=mode, reduction="none")
+    x = torch.tensor(z, dtype=torch.float32, requires_grad=True)
+    got = acc_ece(x, torch.tensor(y), mode=mode, reduction="none")
+    (got_g,) = torch.autograd.grad(got, x, torch.tensor(g, dtype=torch.float32))
+    np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=1e-5)
+    np.testing.assert_allclose(got_g.double().numpy(), want_g, rtol=1e-5, atol=1e-7)
+
+
 def test_kernel_module_and_inputs_untouched():
     x = _torch_members(k=2).requires_grad_(True)
     y = torch.tensor([1, -100, 4, 36, 0], dtype=torch.int32)
