@@ -51,22 +51,33 @@ __all__ = ["electra_generator_sample", "ElectraGeneratorSample", "rtd_loss", "RT
 HAS_TRITON_BACKWARD = True
 
 EPS = 1e-6
-GUMBEL_EPS = 1e-9
-DISALLOW_PENALTY = 1000.0
+GUMBEL_EPS = tl.constexpr(1e-9)  # constants read inside kernels must be constexpr globals
+DISALLOW_PENALTY = tl.constexpr(1000.0)
 
-# Untuned starting points pending a GPU sweep (tl.dot tiles; BLOCK_K is the H chunk of every
-# product). The interpreter uses 16-wide tiles so small test shapes cross tile boundaries.
+# Starting points pending a GPU sweep (tl.dot tiles; BLOCK_K is the H chunk of every product),
+# chosen so that ptxas (sm_90a) reports no or a few bytes of register spills at 8 warps; fp32 (exact
+# or TF32 products) needs narrower tiles than 16-bit inputs. The interpreter uses 16-wide tiles so
+# small test shapes cross tile boundaries.
 GPU_TILES = {
-    "forward": dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    "dx": dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2),
-    "dw": dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2),
+    "16bit": {
+        "forward": dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        "dx": dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2),
+        "dw": dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=64, num_warps=8, num_stages=2),
+    },
+    "fp32": {
+        "forward": dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=2),
+        "dx": dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=2),
+        "dw": dict(BLOCK_M=32, BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=2),
+    },
 }
 INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_V=16, BLOCK_K=16)
 RTD_BLOCK = 1024
 
 
-def _tiles(kind: str) -> dict:
-    return dict(INTERPRETER_TILES) if rt.interpreting() else dict(GPU_TILES[kind])
+def _tiles(kind: str, dtype: torch.dtype) -> dict:
+    if rt.interpreting():
+        return dict(INTERPRETER_TILES)
+    return dict(GPU_TILES["fp32" if dtype == torch.float32 else "16bit"][kind])
 
 
 # ---------------------------------------------------------------------------------------- generator
@@ -337,7 +348,7 @@ def _generator_forward(
     if m == 0:
         return (hidden.new_empty(0, dtype=torch.float32), hidden.new_empty(0, dtype=torch.int64),
                 hidden.new_empty((0, 2), dtype=torch.float32))
-    tiles = _tiles("forward")
+    tiles = _tiles("forward", hidden.dtype)
     row_blocks = triton.cdiv(m, tiles["BLOCK_M"])
     split_v = _split_width(v, row_blocks, tiles["BLOCK_V"], hidden.device)
     splits = triton.cdiv(v, split_v)
@@ -379,7 +390,7 @@ def _generator_backward(
     if need_hidden:
         acc = torch.zeros((m, h), device=hidden.device, dtype=torch.float32)
         if m > 0:
-            tiles = _tiles("dx")
+            tiles = _tiles("dx", hidden.dtype)
             _generator_dx_kernel[(triton.cdiv(m, tiles["BLOCK_M"]),)](
                 grad_terms, grad_terms.stride(0), *common, acc, m, v, h,
                 HAS_BIAS=has_b, PRECISION=precision, **tiles)
@@ -388,7 +399,7 @@ def _generator_backward(
         acc = torch.zeros((v, h) if need_weight else (0,), device=hidden.device, dtype=torch.float32)
         db = torch.zeros(v, device=hidden.device, dtype=bias.dtype) if need_bias else d_bias
         if m > 0:
-            tiles = _tiles("dw")
+            tiles = _tiles("dw", hidden.dtype)
             _generator_dw_kernel[(triton.cdiv(v, tiles["BLOCK_V"]),)](
                 grad_terms, grad_terms.stride(0), *common, acc, db, m, v, h,
                 HAS_BIAS=has_b, WEIGHT_GRAD=need_weight, BIAS_GRAD=need_bias, PRECISION=precision, **tiles)
