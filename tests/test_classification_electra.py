@@ -374,7 +374,7 @@ def test_gpu_tf32_follows_the_matmul_precision():
 def test_gpu_extra_memory_is_far_below_the_logits():
     """M = 8192, H = 768, V = 30522, bf16: the forward allocates O(M) statistics, below 10% of the
     (M, V) bf16 logits the eager version stores (the issue's bound; the noise is an input); the
-    backward adds the gradients and the fp32 (M + V) x H accumulators (24% of those logits here)."""
+    backward adds the gradients and the fp32 accumulators (15% of those logits here)."""
     m, h, v = 8192, 768, 30522
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(v, h, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_(True)
@@ -393,7 +393,8 @@ def test_gpu_extra_memory_is_far_below_the_logits():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     grads = (m * h + v * h) * 2
-    accumulators = (m + v) * h * 4
+    sms = torch.cuda.get_device_properties("cuda").multi_processor_count
+    accumulators = (m + min(v, 2 * sms * 64)) * h * 4
     assert extra < grads + accumulators + 0.02 * logits_bytes, f"extra peak {extra / 2**20:.1f} MiB"
 
 

@@ -15,17 +15,18 @@ Generator, x (M, H) hidden states, W (V, H) LM head, logits h = x Wᵀ + b compu
       dx kernel: one program per BLOCK_M slots walks the vocabulary, recomputes each logit tile and
           its G tile, and adds G W[tile] into its own rows of an fp32 (M, H) buffer;
       dW kernel: one program per BLOCK_V vocabulary rows walks the slots, recomputes each tile, adds
-          Gᵀ x[tile] into its own rows of an fp32 (V, H) buffer and sums G over slots for db.
+          Gᵀ x[tile] into its own rows of an fp32 dW accumulator and sums G over slots for db.
       Each program owns the rows it accumulates, so there are no atomics and the result is
       deterministic; the price is a second recompute (8 MVH FLOPs backward instead of 6 MVH) and
-      the fp32 (M, H) + (V, H) buffers, which are read-modify-written per tile (they stay in L2 at
-      the benchmark shapes). 16-bit inputs round G to the input dtype before the two gradient
-      products (as flash-attention does with P); fp32 keeps G in fp32.
+      fp32 accumulators read-modify-written per tile (a program's rows stay in L2). 16-bit inputs
+      round G to the input dtype before the two gradient products (as flash-attention does with P);
+      fp32 keeps G in fp32.
   Extra memory: forward, the (SPLIT, M) partial statistics and (M, 2) fp32 (m, s), a few MB at
-  M = 8192; backward, the fp32 (M, H) and (V, H) accumulators besides the gradients themselves:
-  O(M + (M + V) H), never O(M V). At M = 8192, H = 768 the accumulators are 119 MB (V = 30522) and
-  419 MB (V = 128256), 24% and 20% of the bf16 (M, V) logits the eager version stores; a per-chunk
-  accumulator for dW would lower that and is a follow-up.
+  M = 8192; backward, besides the gradients themselves, the fp32 (M, H) dx accumulator (16-bit
+  inputs; fp32 ones accumulate in place) and, for 16-bit weights, an fp32 dW accumulator of at most
+  two waves of vocabulary rows (16896 on an H100), reused chunk after chunk of the vocabulary:
+  O(M + M H + min(V, chunk) H), never O(M V). At M = 8192, H = 768 that is 77 MB, 15% (V = 30522)
+  and 3.7% (V = 128256) of the bf16 (M, V) logits the eager version stores.
   The noise u (M, V) is an input, read once by the forward. A counter-based generator (Philox of
   (seed, slot, token)) inside the kernel would remove that read and the (M, V) allocation; it is a
   follow-up, and the explicit-noise form stays as the testable contract. The samples carry no
@@ -278,14 +279,15 @@ def _generator_dw_kernel(
     t_ptr, stride_t,                # (M,) token ids
     sw_ptr, stride_sw,              # (M,) slot weights
     stats_ptr,                      # (M, 2) fp32 from the forward
-    dw_ptr,                         # in/out (V, H) fp32 contiguous, zero-initialised (unused without WEIGHT_GRAD)
+    dw_ptr,                         # in/out (v_stop - v_start, H) fp32 contiguous, zero-initialised: rows
+                                    # v_start.. of dL/dW (unused without WEIGHT_GRAD)
     db_ptr,                         # out (V,) in the bias dtype (unused without BIAS_GRAD)
-    M, V, H,
+    M, V, H, v_start, v_stop,       # this launch covers vocabulary rows [v_start, v_stop)
     HAS_BIAS: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    col_ok = cols < V
+    cols = v_start + tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    col_ok = cols < v_stop
     db = tl.zeros((BLOCK_V,), tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -306,7 +308,7 @@ def _generator_dw_kernel(
                 # Padding slots read as 0: their gradient is 0 and their (possibly NaN) states must not leak.
                 xk = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xh,
                              mask=active[:, None] & k_ok[None, :], other=0.0)
-                out = dw_ptr + cols[:, None] * H + ks[None, :]
+                out = dw_ptr + (cols - v_start)[:, None] * H + ks[None, :]
                 keep = col_ok[:, None] & k_ok[None, :]
                 acc = tl.load(out, mask=keep, other=0.0)
                 tl.store(out, tl.dot(grad_t, xk, acc, input_precision=PRECISION), mask=keep)
@@ -330,6 +332,17 @@ def _split_width(v: int, row_blocks: int, block_v: int, device) -> int:
         splits = triton.cdiv(4 * sms, row_blocks)
     per_split = triton.cdiv(tiles, max(1, min(splits, tiles)))
     return per_split * block_v
+
+
+def _dw_chunk_rows(block_v: int, device) -> int:
+    """Vocabulary rows per dW launch for 16-bit weights: two waves of one program per SM (the kernels
+    fill an SM's registers), 16896 rows on an H100, so the fp32 buffer is 52 MB at H = 768; two
+    tiles under the interpreter, so that small vocabularies cross chunks."""
+    if rt.interpreting():
+        return 2 * block_v
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * _SM_COUNT[device] * block_v
 
 
 def _bias_args(bias, like):
@@ -396,15 +409,27 @@ def _generator_backward(
                 HAS_BIAS=has_b, PRECISION=precision, **tiles)
         d_hidden = acc.to(hidden.dtype)
     if need_weight or need_bias:
-        acc = torch.zeros((v, h) if need_weight else (0,), device=hidden.device, dtype=torch.float32)
-        db = torch.zeros(v, device=hidden.device, dtype=bias.dtype) if need_bias else d_bias
-        if m > 0:
-            tiles = _tiles("dw", hidden.dtype)
-            _generator_dw_kernel[(triton.cdiv(v, tiles["BLOCK_V"]),)](
-                grad_terms, grad_terms.stride(0), *common, acc, db, m, v, h,
-                HAS_BIAS=has_b, WEIGHT_GRAD=need_weight, BIAS_GRAD=need_bias, PRECISION=precision, **tiles)
+        tiles = _tiles("dw", hidden.dtype)
+        # fp32 weights accumulate straight into their gradient; 16-bit ones into an fp32 buffer of
+        # at most DW_CHUNK_ROWS rows, reused chunk after chunk of the vocabulary and cast into place.
+        direct = weight.dtype == torch.float32 or not need_weight
+        chunk = v if direct else min(v, _dw_chunk_rows(tiles["BLOCK_V"], hidden.device))
         if need_weight:
-            d_weight = acc.to(weight.dtype)
+            d_weight = torch.zeros((v, h), device=hidden.device, dtype=torch.float32) if direct \
+                else torch.empty((v, h), device=hidden.device, dtype=weight.dtype)
+        acc = d_weight if direct else torch.empty((chunk, h), device=hidden.device, dtype=torch.float32)
+        db = torch.zeros(v, device=hidden.device, dtype=bias.dtype) if need_bias else d_bias
+        for v0 in range(0, v, chunk):
+            rows = min(chunk, v - v0)
+            if not direct:
+                acc.zero_()
+            if m > 0:
+                _generator_dw_kernel[(triton.cdiv(rows, tiles["BLOCK_V"]),)](
+                    grad_terms, grad_terms.stride(0), *common, acc, db, m, v, h, v0, v0 + rows,
+                    HAS_BIAS=has_b, WEIGHT_GRAD=need_weight, BIAS_GRAD=need_bias, PRECISION=precision,
+                    **tiles)
+            if not direct:
+                d_weight[v0:v0 + rows].copy_(acc[:rows])
         if need_bias:
             d_bias = db
     return d_hidden, d_weight, d_bias
