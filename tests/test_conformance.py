@@ -12,6 +12,15 @@ def test_foundation_techniques_registered():
     assert {"comp_sum_loss", "spherical_z_loss", "ldr_kl_loss", "aldr_kl_loss"} <= set(NAMES)
 
 
+def test_classification_techniques_registered():
+    assert {
+        "anyloss", "smooth_adv_comp_sum_loss", "loss_reweight_weights", "weighted_sequence_ce",
+        "ensemble_cross_entropy", "electra_generator_sample", "rtd_loss", "logit_mse_distillation",
+        "softmax_mse_distillation", "kd_landmark_loss", "id_cosine_loss", "dds_loss", "ramp_loss",
+        "self_training_loss", "drm_ensemble", "weighted_ce_with_stats", "gradient_match_distance",
+    } <= {s.name for s in registry.all_specs() if s.family == "classification"}
+
+
 def test_metric_techniques_registered():
     assert {
         "mann_whitney_loss", "mann_whitney_auc", "focal_infonce_loss", "masked_mean_pool", "supcon_loss",

@@ -43,3 +43,67 @@ def row_max_sumexp(row_ptr, stride_col, C, inv_temp, BLOCK_C: tl.constexpr):
         s = s * tl.exp((mx - shift) * inv_temp) + tl.sum(tl.exp((x - shift) * inv_temp), axis=0)
         mx = m_new
     return mx, s
+
+
+@triton.jit
+def row_max_sumexp_argmax(row_ptr, stride_col, C, BLOCK_C: tl.constexpr):
+    """``row_max_sumexp`` (at temperature 1) plus ``arg``, the lowest column holding the row maximum.
+
+    Within a chunk the lowest column equal to the chunk maximum is taken; across chunks a later
+    chunk replaces ``arg`` only when its maximum is strictly larger, so ties resolve to the lowest
+    index. An all ``-inf`` row keeps ``arg = 0``; with NaN in the row ``s`` is NaN and ``arg`` is some
+    column in [0, C) (the row's results are NaN whatever it is).
+    """
+    mx = float("-inf")
+    s = 0.0
+    arg = tl.full([], 0, tl.int64)
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
+        x = tl.load(row_ptr + cols * stride_col, mask=cols < C, other=float("-inf")).to(tl.float32)
+        chunk_max = tl.max(x, axis=0)
+        chunk_arg = tl.min(tl.where(x == chunk_max, cols, C), axis=0)
+        arg = tl.where((chunk_max > mx) & (chunk_arg < C), chunk_arg, arg)
+        m_new = tl.maximum(mx, chunk_max)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(mx - shift) + tl.sum(tl.exp(x - shift), axis=0)
+        mx = m_new
+    return mx, s, arg
+
+
+@triton.jit
+def store_softmax_grad(row_ptr, stride_col, out_ptr, stride_out_col, C, y, m, s, g, ignored,
+                       BLOCK_C: tl.constexpr):
+    """Write ``g * (p_k - [k == y])`` for every column k of a row, the cross-entropy gradient, with
+    ``p_k = exp(x_k - m) / s`` recomputed from the max ``m`` and sum of exponentials ``s`` the
+    forward saved. An ignored row gets exact zeros (even when it holds NaN); callers make ``g`` NaN
+    for invalid labels."""
+    inv_s = 1.0 / s
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask = cols < C
+        x = tl.load(row_ptr + cols * stride_col, mask=mask, other=0.0).to(tl.float32)
+        d = g * (tl.exp(x - m) * inv_s - tl.where(cols == y, 1.0, 0.0))
+        d = tl.where(ignored, 0.0, d)
+        tl.store(out_ptr + cols * stride_out_col, d.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def cross_entropy_backward_kernel(
+    grad_ptr, stride_grad,               # (R,) upstream gradient of each row's cross-entropy term
+    logits_ptr, stride_row, stride_col,  # (R, C) logits, as in the forward
+    label_ptr, stride_label,             # (R,) labels (targets, or saved pseudo-labels)
+    stats_ptr,                           # (R, 2) fp32 contiguous, saved by the forward: m_i, s_i
+    grad_logits_ptr, stride_grad_row, stride_grad_col,  # out (R, C) in the logits' dtype
+    C, ignore_index,
+    BLOCK_C: tl.constexpr,
+):
+    """Backward of row-wise cross-entropy from saved statistics: one read of the logits, one write
+    of the gradient, ``store_softmax_grad`` per row. Rows with an invalid label get NaN."""
+    row = tl.program_id(0).to(tl.int64)
+    y, ignored, valid, safe = load_label(label_ptr, stride_label, row, C, ignore_index)
+    m = tl.load(stats_ptr + row * 2)
+    s = tl.load(stats_ptr + row * 2 + 1)
+    g = tl.load(grad_ptr + row * stride_grad).to(tl.float32)
+    g = tl.where(valid, g, float("nan"))
+    store_softmax_grad(logits_ptr + row * stride_row, stride_col, grad_logits_ptr + row * stride_grad_row,
+                       stride_grad_col, C, y, m, s, g, ignored, BLOCK_C)

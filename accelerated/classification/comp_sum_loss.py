@@ -19,7 +19,7 @@ import triton.language as tl
 from ...reference._checks import check_real
 from .. import _runtime as rt
 from .._triton_math import expm1
-from ._rowwise import load_label, row_max_sumexp
+from ._rowwise import load_label, row_max_sumexp, store_softmax_grad
 
 __all__ = ["comp_sum_loss", "CompSumLoss"]
 
@@ -78,22 +78,13 @@ def _comp_sum_backward_kernel(
     m = tl.load(stats_ptr + row * 2)
     s = tl.load(stats_ptr + row * 2 + 1)
     log_py = (tl.load(row_ptr + safe * stride_col).to(tl.float32) - m) - tl.log(s)
-    inv_s = 1.0 / s
     w = 1.0
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + safe * stride_weight).to(tl.float32)
     power = tl.where(tau == 1.0, 1.0, tl.exp((tau - 1.0) * log_py))  # p_y^(tau-1)
     factor = tl.load(grad_loss_ptr + row * stride_grad).to(tl.float32) * w * power
     factor = tl.where(valid, factor, float("nan"))
-
-    for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask = cols < C
-        x = tl.load(row_ptr + cols * stride_col, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp(x - m) * inv_s
-        g = factor * (p - tl.where(cols == y, 1.0, 0.0))
-        g = tl.where(ignored, 0.0, g)
-        tl.store(out_ptr + cols * stride_grad_col, g.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+    store_softmax_grad(row_ptr, stride_col, out_ptr, stride_grad_col, C, y, m, s, factor, ignored, BLOCK_C)
 
 
 def _weight_args(weight, device):

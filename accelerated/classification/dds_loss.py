@@ -27,7 +27,7 @@ import triton.language as tl
 from ...reference._checks import check_choice, check_real
 from ...reference.classification.dds_loss import NOISE, REDUCTIONS
 from .. import _runtime as rt
-from .kd_landmark_loss import _sum_partials
+from .._partials import sum_partials
 
 __all__ = ["dds_loss", "DDSLoss"]
 
@@ -159,9 +159,9 @@ def _dds_forward(
         z_tgt, *z_tgt.stride(), *side, partials, c, w, h * w, hw_blocks, guidance_scale, **flags, **launch,
     )
     if reduction == "none":
-        return _sum_partials(partials, float(h * w), torch.empty(b, device=z_tgt.device, dtype=z_tgt.dtype))
+        return sum_partials(partials, float(h * w), torch.empty(b, device=z_tgt.device, dtype=z_tgt.dtype))
     divisor = float(h * w) * (b if reduction == "mean" else 1)
-    return _sum_partials(partials.view(1, -1), divisor, torch.empty((), device=z_tgt.device, dtype=z_tgt.dtype))
+    return sum_partials(partials.view(1, -1), divisor, torch.empty((), device=z_tgt.device, dtype=z_tgt.dtype))
 
 
 @_dds_forward.register_fake

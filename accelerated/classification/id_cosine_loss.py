@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ...reference._checks import check_real
 from .. import _runtime as rt
-from .kd_landmark_loss import _sum_partials
+from .._partials import sum_partials
 
 __all__ = ["id_cosine_loss", "IDCosineLoss"]
 
@@ -126,7 +126,7 @@ def _id_cosine_forward(
     if reduction == "none":
         return rows, stats
     out = torch.empty((), device=pred.device, dtype=pred.dtype)
-    return _sum_partials(rows.view(1, b), float(b) if reduction == "mean" else 1.0, out), stats
+    return sum_partials(rows.view(1, b), float(b) if reduction == "mean" else 1.0, out), stats
 
 
 @_id_cosine_forward.register_fake

@@ -23,13 +23,13 @@ import triton.language as tl
 
 from ...reference.classification.kd_landmark_loss import check_kd_hyper
 from .. import _runtime as rt
+from .._partials import sum_partials
 
 __all__ = ["kd_landmark_loss", "KDLandmarkLoss"]
 
 HAS_TRITON_BACKWARD = True
 
 INTERPRETER_TILE = dict(BLOCK_R=16, BLOCK_K=16)
-FINISH_BLOCK = {"interpreter": 16, "gpu": 1024}
 
 
 def _tile(k: int) -> dict:
@@ -39,34 +39,6 @@ def _tile(k: int) -> dict:
         return dict(INTERPRETER_TILE)
     block_k = max(16, min(256, triton.next_power_of_2(k)))
     return dict(BLOCK_R=max(1, 2048 // block_k), BLOCK_K=block_k, num_warps=4)
-
-
-# --------------------------------------------------------------------------------- partial sums
-# Generic building block (also used by id_cosine_loss and dds_loss): row r of an (R, P) fp32
-# array of partial sums -> out[r] = sum_j partials[r, j] / divisor, in out's dtype.
-
-
-@triton.jit
-def _sum_partials_kernel(
-    partials_ptr,  # (R, P) fp32 contiguous: per-program partial sums
-    out_ptr,       # out (R,) contiguous in the result dtype (a 0-d tensor when R = 1)
-    P, divisor,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, P, BLOCK):
-        j = start + tl.arange(0, BLOCK).to(tl.int64)
-        acc += tl.load(partials_ptr + row * P + j, mask=j < P, other=0.0)
-    total = tl.sum(acc, axis=0) / divisor
-    tl.store(out_ptr + row, total.to(out_ptr.dtype.element_ty))
-
-
-def _sum_partials(partials: torch.Tensor, divisor: float, out: torch.Tensor) -> torch.Tensor:
-    """Fill ``out`` (R elements, contiguous) with the row sums of ``partials`` (R, P) / ``divisor``."""
-    block = FINISH_BLOCK["interpreter" if rt.interpreting() else "gpu"]
-    _sum_partials_kernel[(partials.shape[0],)](partials, out, partials.shape[1], divisor, BLOCK=block)
-    return out
 
 
 # --------------------------------------------------------------------------------- the loss
@@ -182,7 +154,7 @@ def _kd_forward(
     partials = torch.empty((1, programs), device=pred.device, dtype=torch.float32)
     _kd_forward_kernel[(programs,)](*inputs, partials, 0, 0, n, k, k_blocks, *hyper, ELEMENTWISE=False, **tile)
     out = torch.empty((), device=pred.device, dtype=pred.dtype)
-    return _sum_partials(partials, float(n * k) if reduction == "mean" else 1.0, out)
+    return sum_partials(partials, float(n * k) if reduction == "mean" else 1.0, out)
 
 
 @_kd_forward.register_fake

@@ -27,7 +27,7 @@ import triton.language as tl
 from ...reference._checks import check_bool, check_choice, check_int, check_real
 from ...reference.classification.loss_reweighting import RANGE_FLOOR, STRATEGIES
 from .. import _runtime as rt
-from ._rowwise import load_label, row_max_sumexp
+from ._rowwise import load_label, row_max_sumexp, store_softmax_grad
 
 __all__ = ["weighted_sequence_ce", "WeightedSequenceCE", "loss_reweight_weights", "LossReweightWeights"]
 
@@ -119,17 +119,11 @@ def _token_ce_backward_kernel(
     y, ignored, valid, safe = _token_label(labels_ptr, stride_label_b, stride_label_t, i, t, T, V, ignore_index, SHIFT)
 
     m = tl.load(stats_ptr + row * 2)
-    inv_s = 1.0 / tl.load(stats_ptr + row * 2 + 1)
+    s = tl.load(stats_ptr + row * 2 + 1)
     # An active token implies n_i >= 1; ignored tokens never use the factor.
     factor = tl.load(grad_seq_ptr + i * stride_grad).to(tl.float32) / tl.maximum(tl.load(count_ptr + i), 1.0)
     factor = tl.where(valid, factor, float("nan"))
-    for start in range(0, V, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask = cols < V
-        x = tl.load(row_ptr + cols * stride_v, mask=mask, other=0.0).to(tl.float32)
-        g = factor * (tl.exp(x - m) * inv_s - tl.where(cols == y, 1.0, 0.0))
-        g = tl.where(ignored, 0.0, g)
-        tl.store(out_ptr + cols * stride_grad_v, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    store_softmax_grad(row_ptr, stride_v, out_ptr, stride_grad_v, V, y, m, s, factor, ignored, BLOCK_C)
 
 
 def _sequence_block(t: int) -> int:

@@ -5,7 +5,7 @@ One row kernel serves both batches, one program per row walking C in BLOCK_C chu
 - labelled rows (``PSEUDO=False``): online max m and s = sum_k exp(z_k - m) (``row_max_sumexp``),
   then ce = log s - (z_y - m), 0 on ignored rows;
 - unlabelled rows (``PSEUDO=True``): the same statistics and, in the same pass, the pseudo-label
-  a = lowest index of the row maximum (``_row_max_sumexp_argmax``); the term is
+  a = lowest index of the row maximum (``row_max_sumexp_argmax``); the term is
   log s - (z_a - m) = log s, since z_a = m. The label a is stored for the backward.
 Both save (m, s), 8 bytes a row (plus the 8-byte pseudo-label). The backward kernel is shared:
 dz_k = g (p_k - [k = label]) with p_k = exp(z_k - m) / s recomputed from the saved statistics,
@@ -21,38 +21,13 @@ import triton.language as tl
 
 from ...reference._checks import check_real
 from .. import _runtime as rt
-from ._rowwise import load_label, row_max_sumexp
+from ._rowwise import cross_entropy_backward_kernel, load_label, row_max_sumexp, row_max_sumexp_argmax
 
 __all__ = ["self_training_loss", "SelfTrainingLoss"]
 
 HAS_TRITON_BACKWARD = True
 
 LAUNCH = rt.RowLaunch(block=4096, warps=8)
-
-
-@triton.jit
-def _row_max_sumexp_argmax(row_ptr, stride_col, C, BLOCK_C: tl.constexpr):
-    """``row_max_sumexp`` (at temperature 1) plus ``arg``, the lowest column holding the row maximum.
-
-    Within a chunk the lowest column equal to the chunk maximum is taken; across chunks a later
-    chunk replaces ``arg`` only when its maximum is strictly larger, so ties resolve to the lowest
-    index. An all ``-inf`` row keeps ``arg = 0``; with NaN in the row ``s`` is NaN and ``arg`` is some
-    column in [0, C) (the row's results are NaN whatever it is).
-    """
-    mx = float("-inf")
-    s = 0.0
-    arg = tl.full([], 0, tl.int64)
-    for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        x = tl.load(row_ptr + cols * stride_col, mask=cols < C, other=float("-inf")).to(tl.float32)
-        chunk_max = tl.max(x, axis=0)
-        chunk_arg = tl.min(tl.where(x == chunk_max, cols, C), axis=0)
-        arg = tl.where((chunk_max > mx) & (chunk_arg < C), chunk_arg, arg)
-        m_new = tl.maximum(mx, chunk_max)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(mx - shift) + tl.sum(tl.exp(x - shift), axis=0)
-        mx = m_new
-    return mx, s, arg
 
 
 @triton.jit
@@ -68,7 +43,7 @@ def _self_training_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     if PSEUDO:
-        m, s, arg = _row_max_sumexp_argmax(row_ptr, stride_col, C, BLOCK_C)
+        m, s, arg = row_max_sumexp_argmax(row_ptr, stride_col, C, BLOCK_C)
         s = tl.where(s == 0.0, float("nan"), s)  # an all -inf row has no distribution
         loss = tl.log(s)
         tl.store(label_ptr + row, arg)
@@ -81,33 +56,6 @@ def _self_training_forward_kernel(
     tl.store(loss_ptr + row, loss)
     tl.store(stats_ptr + row * 2, m)
     tl.store(stats_ptr + row * 2 + 1, s)
-
-
-@triton.jit
-def _self_training_backward_kernel(
-    grad_ptr, stride_grad,               # (R,) upstream gradient of the per-row terms
-    logits_ptr, stride_row, stride_col,  # (R, C) logits, as in the forward
-    label_ptr, stride_label,             # (R,) labels: the targets, or the saved pseudo-labels
-    stats_ptr,                           # (R, 2) fp32 saved by the forward: m_i, s_i
-    grad_logits_ptr, stride_grad_row, stride_grad_col,  # out (R, C) in the logits' dtype
-    C, ignore_index,                     # -1 for pseudo-labels (never ignored)
-    BLOCK_C: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    out_ptr = grad_logits_ptr + row * stride_grad_row
-    y, ignored, valid, safe = load_label(label_ptr, stride_label, row, C, ignore_index)
-    m = tl.load(stats_ptr + row * 2)
-    inv_s = 1.0 / tl.load(stats_ptr + row * 2 + 1)
-    g = tl.load(grad_ptr + row * stride_grad).to(tl.float32)
-    g = tl.where(valid, g, float("nan"))
-    for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask = cols < C
-        x = tl.load(row_ptr + cols * stride_col, mask=mask, other=0.0).to(tl.float32)
-        d = g * (tl.exp(x - m) * inv_s - tl.where(cols == y, 1.0, 0.0))
-        d = tl.where(ignored, 0.0, d)
-        tl.store(out_ptr + cols * stride_grad_col, d.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_forward(logits, target, ignore_index, pseudo):
@@ -156,7 +104,7 @@ def _rows_backward(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tenso
     r, c = logits.shape
     grad_logits = torch.empty((r, c), device=logits.device, dtype=logits.dtype)
     if r > 0:
-        _self_training_backward_kernel[(r,)](
+        cross_entropy_backward_kernel[(r,)](
             grad, grad.stride(0), logits, logits.stride(0), logits.stride(1), labels, labels.stride(0), stats,
             grad_logits, grad_logits.stride(0), grad_logits.stride(1), c, ignore_index,
             **rt.row_launch(c, LAUNCH),

@@ -23,7 +23,7 @@ import triton.language as tl
 from ...reference._checks import check_choice
 from ...reference.classification.weighted_ce_with_stats import REDUCTIONS
 from .. import _runtime as rt
-from ._rowwise import load_label
+from ._rowwise import cross_entropy_backward_kernel, load_label
 
 __all__ = ["weighted_ce_with_stats", "WeightedCEWithStats"]
 
@@ -85,33 +85,6 @@ def _weighted_ce_stats_forward_kernel(
     tl.store(stats_ptr + row * 2 + 1, s)
 
 
-@triton.jit
-def _weighted_ce_stats_backward_kernel(
-    grad_ce_ptr, stride_grad,            # (N,) gradient of the per-row cross-entropy (weights and 1/D applied)
-    logits_ptr, stride_row, stride_col,  # (N, C) logits, as in the forward
-    target_ptr, stride_target,
-    stats_ptr,                           # (N, 2) fp32 saved by the forward: m_i, s_i
-    grad_logits_ptr, stride_grad_row, stride_grad_col,  # out (N, C) in the logits' dtype
-    C, ignore_index,
-    BLOCK_C: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    out_ptr = grad_logits_ptr + row * stride_grad_row
-    y, ignored, valid, safe = load_label(target_ptr, stride_target, row, C, ignore_index)
-    m = tl.load(stats_ptr + row * 2)
-    inv_s = 1.0 / tl.load(stats_ptr + row * 2 + 1)
-    g = tl.load(grad_ce_ptr + row * stride_grad).to(tl.float32)
-    g = tl.where(valid, g, float("nan"))
-    for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask = cols < C
-        x = tl.load(row_ptr + cols * stride_col, mask=mask, other=0.0).to(tl.float32)
-        d = g * (tl.exp(x - m) * inv_s - tl.where(cols == y, 1.0, 0.0))
-        d = tl.where(ignored, 0.0, d)
-        tl.store(out_ptr + cols * stride_grad_col, d.to(grad_logits_ptr.dtype.element_ty), mask=mask)
-
-
 @torch.library.custom_op("twinops::weighted_ce_with_stats_rows", mutates_args=())
 def _rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(5, N) fp32 rows: ce, entropy, max_prob, label_prob, margin; and the (N, 2) saved (m, s)."""
@@ -138,7 +111,7 @@ def _rows_backward(grad_ce: torch.Tensor, logits: torch.Tensor, target: torch.Te
     n, c = logits.shape
     grad_logits = torch.empty((n, c), device=logits.device, dtype=logits.dtype)
     if n > 0:
-        _weighted_ce_stats_backward_kernel[(n,)](
+        cross_entropy_backward_kernel[(n,)](
             grad_ce, grad_ce.stride(0), logits, logits.stride(0), logits.stride(1), target, target.stride(0),
             stats, grad_logits, grad_logits.stride(0), grad_logits.stride(1), c, ignore_index,
             **rt.row_launch(c, LAUNCH),

@@ -72,7 +72,9 @@ def test_torch_compile_fullgraph(name, dtype):
             torch.testing.assert_close(comp_in[k].grad, eager_in[k].grad, equal_nan=True)
 
 
-ROW_LOSSES = [s.name for s in registry.all_specs() if s.family == "classification"]
+# The (logits (N, C), target (N,)) losses of the foundation; every other technique has its own
+# offsets test in its test module, shaped for its inputs.
+ROW_LOSSES = ["comp_sum_loss", "spherical_z_loss", "ldr_kl_loss", "aldr_kl_loss"]
 
 
 @pytest.mark.parametrize("name", ROW_LOSSES)
