@@ -228,3 +228,32 @@ def test_gpu_benchmark_shape_matches_the_reference(dtype):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     np.testing.assert_allclose(host(out), want, rtol=tol, atol=tol * np.abs(want).max())
     np.testing.assert_allclose(host(gz), want_g, rtol=tol, atol=tol * np.abs(want_g).max())
+
+
+@on_gpu
+def test_gpu_offsets_beyond_2_to_the_31():
+    """A (4, 4, 64, 64) latent and one noise prediction as views whose samples are 2**29 + 2**15
+    elements apart, placed so that the last sample of each starts past element 2**31: the views must
+    give what their contiguous copies give."""
+    b, c, h, w, step = 4, 4, 64, 64, 2**29 + 2**15
+    plane = c * h * w
+    try:
+        buf = torch.zeros(b * step, device="cuda", dtype=torch.bfloat16)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a 4.3 GB buffer")
+    strides = (step, h * w, w, 1)
+    z = torch.as_strided(buf, (b, c, h, w), strides, storage_offset=step - 2 * plane)
+    eps = torch.as_strided(buf, (b, c, h, w), strides, storage_offset=step - plane)
+    assert z.storage_offset() + (b - 1) * step > 2**31 and eps.storage_offset() + (b - 1) * step > 2**31
+    z.copy_(torch.randn(b, c, h, w, device="cuda"))
+    eps.copy_(torch.randn(b, c, h, w, device="cuda"))
+    rest = [torch.randn(b, c, h, w, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    results = []
+    for zt, e in ((z, eps), (z.contiguous(), eps.contiguous())):
+        zt = zt.detach().requires_grad_(True)
+        loss = acc_dds(zt, rest[0], rest[1], rest[2], e, reduction="none")
+        (g,) = torch.autograd.grad(loss.sum(), zt)
+        results.append((loss, g))
+    del buf, z, eps
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

@@ -441,3 +441,28 @@ def test_gpu_torch_compile_fullgraph():
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(s, want_s)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@on_gpu
+def test_gpu_rtd_offsets_beyond_2_to_the_31():
+    """rtd_loss on a (256, 512) view whose rows are 2**23 + 2**16 elements apart: offsets reach ~2.16e9
+    elements, and the view must give what its contiguous copy gives."""
+    b, length, row = 256, 512, 2**23 + 2**16
+    try:
+        buf = torch.zeros(b, row, device="cuda", dtype=torch.bfloat16)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a 4.3 GB buffer")
+    buf[:, :length] = torch.randn(b, length, device="cuda").to(torch.bfloat16)
+    view = buf[:, :length]
+    assert (b - 1) * view.stride(0) > 2**31
+    labels = torch.randint(0, 2, (b, length), device="cuda")
+    mask = torch.rand(b, length, device="cuda") < 0.9
+    results = []
+    for z in (view, view.contiguous()):
+        z = z.detach().requires_grad_(True)
+        loss = acc_rtd(z, labels, mask)
+        (g,) = torch.autograd.grad(loss, z)
+        results.append((loss, g))
+    del buf, view
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

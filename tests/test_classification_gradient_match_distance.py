@@ -202,3 +202,30 @@ def test_gpu_inductor_compile_and_strided_views():
     g2 = torch.autograd.grad(acc_gm(contiguous, real), contiguous)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_beyond_2_to_the_31():
+    """A (256, 1152) synthetic gradient stored as a view whose rows are 2**23 + 2**16 elements apart
+    (offsets reach ~2.16e9 elements) must give what its contiguous copy gives, with a contiguous
+    conv gradient and a bias beside it."""
+    o, i, row = 256, 1152, 2**23 + 2**16
+    try:
+        buf = torch.zeros(o, row, device="cuda", dtype=torch.float32)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for an 8.6 GB buffer")
+    buf[:, :i] = torch.randn(o, i, device="cuda")
+    view = buf[:, :i]
+    assert (o - 1) * view.stride(0) > 2**31
+    real = [torch.randn(o, i, device="cuda"), torch.randn(128, 3, 3, 3, device="cuda"), torch.randn(128, device="cuda")]
+    conv, bias = torch.randn(128, 3, 3, 3, device="cuda"), torch.randn(128, device="cuda")
+    results = []
+    for s in (view, view.contiguous()):
+        syn = [t.detach().requires_grad_(True) for t in (s, conv, bias)]
+        dist = acc_gm(syn, real)
+        grads = torch.autograd.grad(dist, syn)
+        results.append((dist, grads))
+    del buf, view
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)

@@ -300,3 +300,29 @@ def test_narrow_label_dtypes():
     torch.testing.assert_close(acc.weighted_sequence_ce(z, y.int(), reduction="none"), want)
     y8 = torch.where(y == -100, 255, y).to(torch.uint8)
     torch.testing.assert_close(acc.weighted_sequence_ce(z, y8, ignore_index=255, reduction="none"), want)
+
+
+@pytest.mark.gpu
+def test_gpu_weighted_sequence_ce_offsets_beyond_2_to_the_31():
+    """(4, 64, 1000) logits as a view whose token rows are 2**23 + 2**16 elements apart: offsets reach
+    ~2.16e9 elements, and the view must give what its contiguous copy gives."""
+    b, t, v, row = 4, 64, 1000, 2**23 + 2**16
+    try:
+        buf = torch.zeros(b, t, row, device="cuda", dtype=torch.bfloat16)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a 4.3 GB buffer")
+    buf[:, :, :v] = torch.randn(b, t, v, device="cuda").to(torch.bfloat16)
+    view = buf[:, :, :v]
+    assert (b * t - 1) * view.stride(1) > 2**31
+    labels = torch.randint(0, v, (b, t), device="cuda")
+    labels[:, :5] = -100
+    weights = torch.rand(b, device="cuda")
+    results = []
+    for x in (view, view.contiguous()):
+        x = x.detach().requires_grad_(True)
+        loss = acc.weighted_sequence_ce(x, labels, weights)
+        (g,) = torch.autograd.grad(loss, x)
+        results.append((loss, g))
+    del buf, view
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

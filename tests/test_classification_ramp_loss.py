@@ -128,3 +128,27 @@ def test_gpu_bf16_benchmark_shape_and_inductor_compile():
     (g,) = torch.autograd.grad(compiled(f, t), f)
     (g_eager,) = torch.autograd.grad(ramp_loss(f, t, kappa=1.5), f)
     torch.testing.assert_close(g, g_eager)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_beyond_2_to_the_31():
+    """A 1-D view with a stride of 1024 elements over 2.2M scores: offsets reach ~2.3e9 elements,
+    and the view must give what its contiguous copy gives."""
+    n, stride = 2_200_000, 1024
+    try:
+        buf = torch.zeros(n, stride, device="cuda", dtype=torch.bfloat16)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a 4.5 GB buffer")
+    buf[:, 0] = torch.randn(n, device="cuda").to(torch.bfloat16)
+    view = buf[:, 0]
+    assert (n - 1) * view.stride(0) > 2**31
+    y = torch.randint(0, 2, (n,), device="cuda") * 2 - 1
+    results = []
+    for s in (view, view.contiguous()):
+        s = s.detach().requires_grad_(True)
+        loss = ramp_loss(s, y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, s)
+        results.append((loss, g))
+    del buf, view
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
