@@ -86,24 +86,3 @@ def store_softmax_grad(row_ptr, stride_col, out_ptr, stride_out_col, C, y, m, s,
         d = tl.where(ignored, 0.0, d)
         tl.store(out_ptr + cols * stride_out_col, d.to(out_ptr.dtype.element_ty), mask=mask)
 
-
-@triton.jit
-def cross_entropy_backward_kernel(
-    grad_ptr, stride_grad,               # (R,) upstream gradient of each row's cross-entropy term
-    logits_ptr, stride_row, stride_col,  # (R, C) logits, as in the forward
-    label_ptr, stride_label,             # (R,) labels (targets, or saved pseudo-labels)
-    stats_ptr,                           # (R, 2) fp32 contiguous, saved by the forward: m_i, s_i
-    grad_logits_ptr, stride_grad_row, stride_grad_col,  # out (R, C) in the logits' dtype
-    C, ignore_index,
-    BLOCK_C: tl.constexpr,
-):
-    """Backward of row-wise cross-entropy from saved statistics: one read of the logits, one write
-    of the gradient, ``store_softmax_grad`` per row. Rows with an invalid label get NaN."""
-    row = tl.program_id(0).to(tl.int64)
-    y, ignored, valid, safe = load_label(label_ptr, stride_label, row, C, ignore_index)
-    m = tl.load(stats_ptr + row * 2)
-    s = tl.load(stats_ptr + row * 2 + 1)
-    g = tl.load(grad_ptr + row * stride_grad).to(tl.float32)
-    g = tl.where(valid, g, float("nan"))
-    store_softmax_grad(logits_ptr + row * stride_row, stride_col, grad_logits_ptr + row * stride_grad_row,
-                       stride_grad_col, C, y, m, s, g, ignored, BLOCK_C)

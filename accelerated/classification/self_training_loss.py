@@ -7,7 +7,8 @@ One row kernel serves both batches, one program per row walking C in BLOCK_C chu
 - unlabelled rows (``PSEUDO=True``): the same statistics and, in the same pass, the pseudo-label
   a = lowest index of the row maximum (``row_max_sumexp_argmax``); the term is
   log s - (z_a - m) = log s, since z_a = m. The label a is stored for the backward.
-Both save (m, s), 8 bytes a row (plus the 8-byte pseudo-label). The backward kernel is shared:
+Both save (m, s), 8 bytes a row (plus the 8-byte pseudo-label). The backward is the shared
+``cross_entropy_rows_backward``:
 dz_k = g (p_k - [k = label]) with p_k = exp(z_k - m) / s recomputed from the saved statistics,
 where g is the upstream gradient of the row's term (lam and 1/n applied by autograd on the host,
 where the O(m + n) reduction runs).
@@ -21,7 +22,8 @@ import triton.language as tl
 
 from ...reference._checks import check_real
 from .. import _runtime as rt
-from ._rowwise import cross_entropy_backward_kernel, load_label, row_max_sumexp, row_max_sumexp_argmax
+from ._cross_entropy import cross_entropy_rows_backward
+from ._rowwise import load_label, row_max_sumexp, row_max_sumexp_argmax
 
 __all__ = ["self_training_loss", "SelfTrainingLoss"]
 
@@ -98,25 +100,6 @@ def _(logits_unlabeled):
             logits_unlabeled.new_empty((n, 2), dtype=torch.float32))
 
 
-@torch.library.custom_op("twinops::self_training_rows_backward", mutates_args=())
-def _rows_backward(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
-                   ignore_index: int) -> torch.Tensor:
-    r, c = logits.shape
-    grad_logits = torch.empty((r, c), device=logits.device, dtype=logits.dtype)
-    if r > 0:
-        cross_entropy_backward_kernel[(r,)](
-            grad, grad.stride(0), logits, logits.stride(0), logits.stride(1), labels, labels.stride(0), stats,
-            grad_logits, grad_logits.stride(0), grad_logits.stride(1), c, ignore_index,
-            **rt.row_launch(c, LAUNCH),
-        )
-    return grad_logits
-
-
-@_rows_backward.register_fake
-def _(grad, logits, labels, stats, ignore_index):
-    return logits.new_empty(logits.shape)
-
-
 def _labelled_setup(ctx, inputs, output):
     logits, target, ignore_index = inputs
     ctx.save_for_backward(logits, target, output[1])
@@ -127,7 +110,7 @@ def _labelled_backward(ctx, grad_loss, grad_stats):
     logits, target, stats = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = _rows_backward(grad_loss, logits, target, stats, ctx.ignore_index)
+        grad = cross_entropy_rows_backward(grad_loss, logits, target, stats, ctx.ignore_index)
     return grad, None, None
 
 
@@ -139,7 +122,7 @@ def _pseudo_backward(ctx, grad_loss, grad_labels, grad_stats):
     logits_unlabeled, labels, stats = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None
-    return _rows_backward(grad_loss, logits_unlabeled, labels, stats, -1)
+    return cross_entropy_rows_backward(grad_loss, logits_unlabeled, labels, stats, -1)
 
 
 _labelled_rows.register_autograd(_labelled_backward, setup_context=_labelled_setup)

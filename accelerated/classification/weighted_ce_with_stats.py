@@ -23,7 +23,8 @@ import triton.language as tl
 from ...reference._checks import check_choice
 from ...reference.classification.weighted_ce_with_stats import REDUCTIONS
 from .. import _runtime as rt
-from ._rowwise import cross_entropy_backward_kernel, load_label
+from ._cross_entropy import cross_entropy_rows_backward
+from ._rowwise import load_label
 
 __all__ = ["weighted_ce_with_stats", "WeightedCEWithStats"]
 
@@ -105,25 +106,6 @@ def _(logits, target, ignore_index):
     return logits.new_empty((5, n), dtype=torch.float32), logits.new_empty((n, 2), dtype=torch.float32)
 
 
-@torch.library.custom_op("twinops::weighted_ce_with_stats_rows_backward", mutates_args=())
-def _rows_backward(grad_ce: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
-                   ignore_index: int) -> torch.Tensor:
-    n, c = logits.shape
-    grad_logits = torch.empty((n, c), device=logits.device, dtype=logits.dtype)
-    if n > 0:
-        cross_entropy_backward_kernel[(n,)](
-            grad_ce, grad_ce.stride(0), logits, logits.stride(0), logits.stride(1), target, target.stride(0),
-            stats, grad_logits, grad_logits.stride(0), grad_logits.stride(1), c, ignore_index,
-            **rt.row_launch(c, LAUNCH),
-        )
-    return grad_logits
-
-
-@_rows_backward.register_fake
-def _(grad_ce, logits, target, stats, ignore_index):
-    return logits.new_empty(logits.shape)
-
-
 def _setup_context(ctx, inputs, output):
     logits, target, ignore_index = inputs
     ctx.save_for_backward(logits, target, output[1])
@@ -134,7 +116,7 @@ def _backward(ctx, grad_rows, grad_stats):
     logits, target, stats = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = _rows_backward(grad_rows[0], logits, target, stats, ctx.ignore_index)
+        grad = cross_entropy_rows_backward(grad_rows[0], logits, target, stats, ctx.ignore_index)
     return grad, None, None
 
 
